@@ -1,0 +1,1 @@
+"""The dispatching side: transport to workers and remote execution of plan blocks."""

@@ -1,0 +1,1 @@
+"""The local engine: plans, executor, cache, hashing, events and batching helpers."""

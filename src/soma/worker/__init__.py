@@ -1,0 +1,1 @@
+"""``soma-worker``: the daemon that runs plans from clients in isolated children."""
