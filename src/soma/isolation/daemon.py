@@ -1,0 +1,1236 @@
+"""The filter daemon: a persistent child process that holds filters and runs their user code.
+
+Data flow (isolation.md)::
+
+    parent ── request frame {"id", "cmd", ...} ──▶ read_frame ─▶ materialise (markers -> objects)
+                                                              ─▶ command: user code on the main thread
+    parent ◀── progress frames (BATCHED_FIT) ───── write_frame ◀─ neutralise (objects -> markers)
+    parent ◀── reply frame {"kind": "reply", "id", "ok", ...}
+
+The parent never unpickles user objects: every value that is not a neutral value
+(builtin containers and scalars, numpy arrays and scalars) leaves the child as an
+``Opaque`` cloudpickle, a tensor as ``TorchData`` raw bytes, or stays here behind a
+``Handle``. Errors travel as data (``error`` dicts); the child survives anything its
+user code raises, ``SystemExit`` included.
+
+At import time this module uses only the standard library, ``cloudpickle`` and
+stdlib-only soma modules: numpy arrives as a side effect of unpickling arrays, torch
+is imported only by the composite and gradient commands or to materialise a
+``TorchData``. The weights envelope and the composite step are public so the local
+executor can share them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import faulthandler
+import gc
+import io
+import os
+import pickle
+import platform
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from soma.errors import RowMismatchError
+from soma.isolation import channel
+from soma.isolation.markers import Concat, Handle, Opaque, TorchData
+from soma.log import isolation_logger
+from soma.runtime import batching
+
+__all__ = [
+    "ENVELOPE_KEY",
+    "PROTOCOL",
+    "CommandError",
+    "CompositeNode",
+    "CompositeResult",
+    "Concat",
+    "Daemon",
+    "Handle",
+    "Opaque",
+    "TorchData",
+    "UserCodeError",
+    "composite_fit",
+    "composite_forward",
+    "greeting",
+    "is_envelope",
+    "main",
+    "parameter_owner",
+    "serve",
+    "unwrap_state",
+    "wrap_state",
+]
+
+PROTOCOL = 1
+ENVELOPE_KEY = "__soma_node_state__"
+EXIT_CORRUPT_REQUEST = 3
+_PHASES = ("all", "fit", "grad")
+_LEAF_TYPES = frozenset({type(None), bool, int, float, str, bytes})
+_VERSION_SKEW_HINT = "usual cause: Python or cloudpickle version skew"
+
+
+class CommandError(Exception):
+    """A request the child refuses, with its isolation.md §5 ``code``; the child keeps serving."""
+
+    def __init__(self, code: str, message: str, *, node_id: str | None = None, method: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.node_id = node_id
+        self.method = method
+
+
+class UserCodeError(Exception):
+    """User code raised (any ``BaseException``); the original is ``__cause__``.
+
+    ``method`` names the hook that raised (``fit``, ``forward``, ``partial_fit``,
+    ``update``, ``loss_fn``, ``optimizer``) or is ``None`` for the runtime's own steps
+    on user values (a backward pass, the default loss).
+    """
+
+    def __init__(self, method: str | None, node_id: str | None, original: BaseException) -> None:
+        super().__init__(f"{method or 'user code'} raised {type(original).__name__}: {original}")
+        self.method = method
+        self.node_id = node_id
+        self.original = original
+
+
+def _call(method: str | None, node_id: str | None, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except BaseException as exc:  # the user-code boundary: SystemExit included, the child survives
+        raise UserCodeError(method, node_id, exc) from exc
+
+
+# --------------------------------------------------------------------------- torch, lazily
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as exc:
+        raise CommandError(
+            "missing_dependency",
+            f"a tensor arrived but torch is not importable in the child ({sys.executable}): {exc}; "
+            "install torch in the filter's environment",
+        ) from exc
+    return torch
+
+
+def _is_tensor(value: object) -> bool:
+    return type(value).__module__.partition(".")[0] == "torch" and isinstance(
+        value, sys.modules["torch"].Tensor
+    )
+
+
+def _is_ndarray(value: object) -> bool:
+    return type(value).__module__ == "numpy" and type(value).__name__ == "ndarray"
+
+
+def _tensor_from_marker(marker: TorchData) -> Any:
+    torch = _torch()
+    dtype = getattr(torch, str(marker.dtype), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CommandError("bad_request", f"TorchData names an unknown torch dtype {marker.dtype!r}")
+    shape = tuple(int(n) for n in marker.shape)
+    numel = 1
+    for n in shape:
+        numel *= n
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    view = memoryview(marker.buffer)
+    expected = numel * dtype.itemsize
+    if view.nbytes != expected:
+        raise CommandError(
+            "bad_request", f"TorchData of shape {shape} and dtype {marker.dtype} needs {expected} bytes, got {view.nbytes}"
+        )
+    # torch.frombuffer shares the memory and warns on read-only buffers: copy those once.
+    buffer = bytearray(view) if view.readonly else marker.buffer
+    return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def _tensor_to_marker(tensor: Any) -> TorchData:
+    torch = sys.modules["torch"]
+    flat = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
+    raw = flat.view(torch.uint8).numpy()
+    return TorchData(pickle.PickleBuffer(raw), str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
+
+
+def _is_plain_tensor(value: object) -> bool:
+    return bool(
+        _is_tensor(value)
+        and value.layout == sys.modules["torch"].strided  # type: ignore[attr-defined]
+        and not value.is_quantized  # type: ignore[attr-defined]
+    )
+
+
+# --------------------------------------------------------------------------- weights envelope
+
+
+def parameter_owner(filter_obj: Any) -> Any | None:
+    """The object holding a filter's trainable parameters, or ``None`` (isolation.md §4).
+
+    ``filter.soma_module()`` if defined, else the filter itself if it has a callable
+    ``named_parameters``, else the first of ``module``, ``model``, ``net`` having one.
+    """
+    soma_module = getattr(filter_obj, "soma_module", None)
+    if callable(soma_module):
+        return soma_module()
+    if callable(getattr(filter_obj, "named_parameters", None)):
+        return filter_obj
+    for name in ("module", "model", "net"):
+        candidate = getattr(filter_obj, name, None)
+        if candidate is not None and callable(getattr(candidate, "named_parameters", None)):
+            return candidate
+    return None
+
+
+def is_envelope(state: object) -> bool:
+    """Whether ``state`` is a weights envelope ``{"__soma_node_state__": 1, "fit", "weights"}``."""
+    return type(state) is dict and state.get(ENVELOPE_KEY) == 1 and "weights" in state
+
+
+def wrap_state(filter_obj: Any, fit_state: Any, *, snapshot: bool = False) -> Any:
+    """Wrap ``fit_state`` in a weights envelope when the filter has a parameter owner.
+
+    A fresh process cannot see weights trained in place, so the envelope carries them
+    (and the optimizer state, when the filter has an ``optimizer``). ``snapshot``
+    copies the tensors: needed when the envelope stays in this process (a handle)
+    while training goes on; a value sent at once needs no copy.
+    """
+    owner = parameter_owner(filter_obj)
+    if owner is None:
+        return fit_state
+    weights = {}
+    for name, value in owner.state_dict().items():
+        detached = value.detach() if _is_tensor(value) else value
+        weights[name] = detached.clone() if snapshot and _is_tensor(detached) else detached
+    envelope: dict[str, Any] = {ENVELOPE_KEY: 1, "fit": fit_state, "weights": weights}
+    optimizer = getattr(filter_obj, "optimizer", None)
+    if optimizer is not None and callable(getattr(optimizer, "state_dict", None)):
+        optimizer_state = optimizer.state_dict()
+        envelope["optimizer"] = copy.deepcopy(optimizer_state) if snapshot else optimizer_state
+    return envelope
+
+
+def unwrap_state(filter_obj: Any, state: Any) -> Any:
+    """Return the fit part of ``state``; an envelope's weights are loaded into the filter first.
+
+    Loading is strict: missing or unexpected names and shape mismatches raise
+    ``CommandError("state_mismatch")`` listing them, before any weight changes. Weights
+    equal to the loaded ones are not copied again.
+    """
+    if not is_envelope(state):
+        return state
+    owner = parameter_owner(filter_obj)
+    if owner is None:
+        raise CommandError(
+            "state_mismatch",
+            f"the state carries weights but {type(filter_obj).__name__} has no parameter owner "
+            "(soma_module(), named_parameters, or a module/model/net attribute)",
+        )
+    _load_weights(owner, state["weights"])
+    optimizer_state = state.get("optimizer")
+    optimizer = getattr(filter_obj, "optimizer", None)
+    if optimizer_state is not None and optimizer is not None:
+        _call("optimizer", None, optimizer.load_state_dict, optimizer_state)
+    return state.get("fit")
+
+
+def _load_weights(owner: Any, weights: Any) -> None:
+    if not isinstance(weights, Mapping):
+        raise CommandError("state_mismatch", f"envelope weights must be a dict, got {type(weights).__name__}")
+    torch = _torch()
+    current = owner.state_dict()
+    given = {name: torch.as_tensor(value) if _is_ndarray(value) else value for name, value in weights.items()}
+    missing = [name for name in current if name not in given]
+    unexpected = [name for name in given if name not in current]
+    mismatched = [
+        f"{name}: expected {tuple(current[name].shape)}, got {tuple(value.shape)}"
+        for name, value in given.items()
+        if name in current and _is_tensor(current[name]) and tuple(getattr(value, "shape", ())) != tuple(current[name].shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected}")
+        if mismatched:
+            parts.append(f"shape mismatch {mismatched}")
+        raise CommandError("state_mismatch", "weights do not match the module: " + "; ".join(parts))
+    if all(_same_tensor(current[name], value) for name, value in given.items()):
+        return
+    try:
+        owner.load_state_dict(given, strict=True)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise CommandError("state_mismatch", f"weights could not be loaded: {exc}") from exc
+
+
+def _same_tensor(current: Any, given: Any) -> bool:
+    if not (_is_tensor(current) and _is_tensor(given)) or current.dtype != given.dtype:
+        return False
+    torch = sys.modules["torch"]
+    return bool(torch.equal(current, given.to(current.device)))
+
+
+# --------------------------------------------------------------------------- composite step (§4.1)
+
+
+@dataclass
+class CompositeNode:
+    """One filter of a composite chain."""
+
+    node_id: str
+    filter: Any
+    trainable: bool
+
+
+@dataclass
+class CompositeResult:
+    """What a composite pass produced: the detached output, the fit states, the loss."""
+
+    output: Any
+    states: dict[str, Any] = field(default_factory=dict)
+    loss: float | None = None
+
+
+def _to_tensor_input(value: Any) -> Any:
+    torch = sys.modules["torch"]
+    if _is_tensor(value):
+        return value
+    if _is_ndarray(value):
+        if value.dtype.kind == "f":
+            return torch.from_numpy(value if value.flags.writeable else value.copy())
+        if value.dtype.kind in "biu":
+            return torch.as_tensor(value, dtype=torch.float32)
+        return value
+    if isinstance(value, list) and _is_numeric_nested(value):
+        return torch.tensor(value, dtype=torch.float32)
+    return value
+
+
+def _is_numeric_nested(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(_is_numeric_nested(item) for item in value)
+    return type(value) in (bool, int, float)
+
+
+def _detach(value: Any) -> Any:
+    if _is_tensor(value):
+        return value.detach()
+    if type(value) is tuple:
+        return tuple(_detach(v) for v in value)
+    if type(value) is list:
+        return [_detach(v) for v in value]
+    if type(value) is dict:
+        return {k: _detach(v) for k, v in value.items()}
+    return value
+
+
+def composite_forward(nodes: Sequence[CompositeNode], x: Any, states: Mapping[str, Any], *, grad: bool = False) -> Any:
+    """Chain ``forward`` through ``nodes`` with the fit states given (stateless: ``None``).
+
+    Inputs are converted as in isolation.md §4.1; runs under ``torch.no_grad()``
+    unless ``grad``. Returns the output detached. User exceptions raise ``UserCodeError``.
+    """
+    torch = _torch()
+    cur = _to_tensor_input(x)
+    with torch.enable_grad() if grad else torch.no_grad():
+        for node in nodes:
+            state = states.get(node.node_id) if node.trainable else None
+            cur = _call("forward", node.node_id, node.filter.forward, cur, state)
+    return _detach(cur)
+
+
+def composite_fit(
+    nodes: Sequence[CompositeNode],
+    x: Any,
+    y: Any,
+    states: Mapping[str, Any],
+    *,
+    phase: str = "all",
+) -> CompositeResult:
+    """One training pass over a chain of differentiable filters (isolation.md §4.1).
+
+    ``states`` holds the fit states used by phase ``grad`` (trainable nodes fit afresh
+    in ``all`` and ``fit``). Returns the detached output, every trainable node's fit
+    state and ``float(loss)`` (``None`` when nothing defines a loss or in phase
+    ``fit``). Raises ``UserCodeError`` for user exceptions and
+    ``CommandError("no_gradient")`` when the loss reaches no parameter.
+    """
+    if phase not in _PHASES:
+        raise CommandError("bad_request", f"field 'phase' must be one of {list(_PHASES)}, got {phase!r}")
+    torch = _torch()
+    cur = _to_tensor_input(x)
+    target = _to_tensor_input(y)
+    new_states: dict[str, Any] = {}
+    for node in nodes:
+        state = None
+        if node.trainable:
+            if phase == "grad":
+                state = states.get(node.node_id)
+            else:
+                state = _call("fit", node.node_id, node.filter.fit, _detach(cur), target)
+            new_states[node.node_id] = state
+        with torch.no_grad() if phase == "fit" else torch.enable_grad():
+            cur = _call("forward", node.node_id, node.filter.forward, cur, state)
+    loss = None
+    if phase != "fit" and nodes:
+        last = nodes[-1]
+        loss_fn = getattr(last.filter, "loss_fn", None)
+        if callable(loss_fn):
+            with torch.enable_grad():
+                loss = _call("loss_fn", last.node_id, loss_fn, cur, target)
+        elif target is not None:
+            pred = cur[0] if isinstance(cur, (tuple, list)) else cur
+            loss = _call(None, last.node_id, _mse_loss, pred, target)
+    if loss is not None:
+        _backward(nodes, loss)
+        if phase == "all":
+            for node in nodes:
+                optimizer = getattr(node.filter, "optimizer", None)
+                if optimizer is not None:
+                    _call("optimizer", node.node_id, optimizer.step)
+                    _call("optimizer", node.node_id, optimizer.zero_grad)
+    return CompositeResult(_detach(cur), new_states, None if loss is None else float(loss))
+
+
+def _mse_loss(pred: Any, target: Any) -> Any:
+    torch = sys.modules["torch"]
+    if not (_is_tensor(pred) and _is_tensor(target)):
+        raise ValueError(
+            f"the default MSE loss needs a tensor output and target, got {type(pred).__name__} "
+            f"and {type(target).__name__}; define loss_fn(out, y) on the last filter"
+        )
+    if pred.shape != target.shape:
+        if pred.dim() == target.dim() + 1 and pred.shape[-1] == 1 and pred.shape[:-1] == target.shape:
+            pred = pred.reshape(target.shape)
+        elif target.dim() == pred.dim() + 1 and target.shape[-1] == 1 and target.shape[:-1] == pred.shape:
+            target = target.reshape(pred.shape)
+        else:
+            raise ValueError(
+                f"output shape {tuple(pred.shape)} and target shape {tuple(target.shape)} differ "
+                "(only one trailing size-1 dimension is reshaped away; nothing is broadcast)"
+            )
+    return torch.nn.functional.mse_loss(pred, target.to(dtype=pred.dtype, device=pred.device), reduction="mean")
+
+
+def _backward(nodes: Sequence[CompositeNode], loss: Any) -> None:
+    if not (_is_tensor(loss) and loss.requires_grad):
+        raise CommandError(
+            "no_gradient",
+            "the loss does not depend on any parameter that requires grad: no backward pass is possible",
+            node_id=nodes[-1].node_id,
+        )
+    for node in nodes:
+        owner = parameter_owner(node.filter)
+        if owner is not None:
+            for parameter in owner.parameters():
+                parameter.grad = None
+    _call(None, nodes[-1].node_id, loss.backward)
+
+
+# --------------------------------------------------------------------------- the catalog
+
+
+@dataclass
+class _Entry:
+    filter: Any
+    trainable: bool
+    differentiable: bool
+    state: Any = None
+    sgd: Any = None
+
+
+_REQUIRED = object()
+
+
+def _field(request: Mapping[str, Any], name: str, kinds: type | tuple[type, ...], default: Any = _REQUIRED) -> Any:
+    if name not in request:
+        if default is _REQUIRED:
+            raise CommandError("bad_request", f"missing field '{name}'")
+        return default
+    value = request[name]
+    allowed = _as_tuple(kinds)
+    if not isinstance(value, allowed) or (type(value) is bool and int in allowed and bool not in allowed):
+        raise CommandError("bad_request", f"field '{name}' has type {type(value).__name__}, expected {_kind_names(kinds)}")
+    return value
+
+
+def _as_tuple(kinds: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kinds if isinstance(kinds, tuple) else (kinds,)
+
+
+def _kind_names(kinds: type | tuple[type, ...]) -> str:
+    return " or ".join(kind.__name__ for kind in _as_tuple(kinds))
+
+
+def _major_minor(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+def _error_dict(
+    code: str,
+    message: str,
+    *,
+    command: str | None,
+    node_id: str | None = None,
+    method: str | None = None,
+    exc: BaseException | None = None,
+    user_frames_only: bool = False,
+) -> dict[str, Any]:
+    formatted = None
+    if exc is not None:
+        tb = exc.__traceback__
+        if user_frames_only and tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next  # the first frame is the daemon's own call into user code
+        formatted = "".join(traceback.format_exception(type(exc), exc, tb))
+    return {
+        "code": code,
+        "method": method,
+        "type": type(exc).__name__ if exc is not None else None,
+        "module": type(exc).__module__ if exc is not None else None,
+        "message": message,
+        "traceback": formatted,
+        "node_id": node_id,
+        "command": command,
+    }
+
+
+class Daemon:
+    """The child's command interpreter: a catalog of filters, held states and handles.
+
+    ``handle(request)`` runs one command and returns its reply dict; ``emit`` sends
+    non-terminal frames (progress). Requests are trusted (they come from the parent);
+    malformed ones get ``bad_request`` and change nothing.
+    """
+
+    def __init__(self, emit: Callable[[dict[str, Any]], Any]) -> None:
+        self._emit = emit
+        self._catalog: dict[str, _Entry] = {}
+        self._handles: dict[str, Any] = {}
+        self._handle_count = 0
+        self._seed: int | None = None
+        self.stopping = False
+        self._commands: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
+            "LOAD": self._load,
+            "FIT": self._fit,
+            "FORWARD": self._forward,
+            "COMPOSITE_FORWARD": self._composite_forward,
+            "COMPOSITE_FIT": self._composite_fit,
+            "GET_STATE": self._get_state,
+            "SET_STATE": self._set_state,
+            "GET_GRADIENTS": self._get_gradients,
+            "APPLY_GRADIENTS": self._apply_gradients,
+            "BATCHED_FIT": self._batched_fit,
+            "SHUTDOWN": self._shutdown,
+        }
+
+    def handle(self, request: Any) -> dict[str, Any]:
+        """Run one request and return its reply (``ok`` true, or false with an ``error`` dict)."""
+        request_id = request.get("id") if isinstance(request, dict) else None
+        command = request.get("cmd") if isinstance(request, dict) else None
+        reply: dict[str, Any] = {"kind": "reply", "id": request_id}
+        try:
+            if not isinstance(request, dict):
+                raise CommandError("bad_request", f"a request must be a dict, got {type(request).__name__}")
+            _field(request, "id", int)
+            _field(request, "cmd", str)
+            run = self._commands.get(command)  # type: ignore[arg-type]
+            if run is None:
+                raise CommandError(
+                    "unknown_command", f"unknown command {command!r}; known: {sorted(self._commands)}"
+                )
+            with self._seed_scope():
+                body = run(request)
+        except CommandError as exc:
+            error = _error_dict(
+                exc.code, exc.message, command=command, node_id=exc.node_id, method=exc.method, exc=exc.__cause__
+            )
+            return {**reply, "ok": False, "error": error}
+        except UserCodeError as exc:
+            error = _error_dict(
+                "user_error",
+                str(exc.original),
+                command=command,
+                node_id=exc.node_id,
+                method=exc.method,
+                exc=exc.original,
+                user_frames_only=True,
+            )
+            return {**reply, "ok": False, "error": error}
+        except Exception as exc:  # noqa: BLE001 - user code is wrapped above: this is a value the request got wrong
+            error = _error_dict(
+                "bad_request",
+                f"{command} failed on its input: {type(exc).__name__}: {exc}",
+                command=command,
+                node_id=request.get("node_id") if isinstance(request.get("node_id"), str) else None,
+                exc=exc,
+            )
+            return {**reply, "ok": False, "error": error}
+        return {**reply, "ok": True, **body}
+
+    def _seed_scope(self) -> contextlib.AbstractContextManager[Any]:
+        if self._seed is None:
+            return contextlib.nullcontext()
+        from soma.context import seeded
+
+        return seeded(self._seed)
+
+    # ------------------------------------------------------------------ values
+
+    def materialise(self, value: Any) -> Any:
+        """Turn a request value into objects: markers resolved, containers rebuilt only if needed."""
+        kind = type(value)
+        if kind in _LEAF_TYPES:
+            return value
+        if kind is list:
+            if all(type(item) in _LEAF_TYPES for item in value):
+                return value
+            return [self.materialise(item) for item in value]
+        if kind is tuple:
+            return tuple(self.materialise(item) for item in value)
+        if kind is dict:
+            return {key: self.materialise(item) for key, item in value.items()}
+        if kind is Opaque:
+            try:
+                return cloudpickle.loads(value.data, buffers=value.buffers)
+            except Exception as exc:
+                raise CommandError(
+                    "unpickle_error",
+                    f"cannot unpickle a value: {type(exc).__name__}: {exc}; a module it needs may be "
+                    f"missing in the child ({sys.executable}), or {_VERSION_SKEW_HINT}",
+                ) from exc
+        if kind is TorchData:
+            return _tensor_from_marker(value)
+        if kind is Handle:
+            try:
+                return self._handles[value.name]
+            except KeyError:
+                raise CommandError("bad_request", f"unknown handle {value.name!r} (LOAD clears handles)") from None
+        if kind is Concat:
+            return batching.concat_chunks([self.materialise(item) for item in value.items])
+        return value
+
+    def neutralise(self, value: Any, node_id: str | None) -> Any:
+        """Turn a reply value into neutral values: tensors -> TorchData, other objects -> Opaque."""
+        kind = type(value)
+        if kind in _LEAF_TYPES:
+            return value
+        if kind is list:
+            if all(type(item) in _LEAF_TYPES for item in value):
+                return value
+            return [self.neutralise(item, node_id) for item in value]
+        if kind is tuple:
+            return tuple(self.neutralise(item, node_id) for item in value)
+        if kind is dict and all(_is_neutral_key(key) for key in value):
+            return {key: self.neutralise(item, node_id) for key, item in value.items()}
+        if _is_plain_numpy(value):
+            return value
+        if _is_plain_tensor(value):
+            return _tensor_to_marker(value)
+        buffers: list[pickle.PickleBuffer] = []
+        try:
+            data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+        except Exception as exc:
+            raise CommandError(
+                "encoding_error",
+                f"cannot encode a {kind.__module__}.{kind.__qualname__} from node {node_id!r}: "
+                f"{type(exc).__name__}: {exc}",
+                node_id=node_id,
+            ) from exc
+        return Opaque(data, list(buffers))
+
+    def _reply_value(self, request: Mapping[str, Any], value: Any, node_id: str | None) -> dict[str, Any]:
+        mode, want_blob = self._result_options(request)
+        body: dict[str, Any] = {"summary": batching.output_summary(value)}
+        if mode == "handle":
+            self._handle_count += 1
+            name = f"h{self._handle_count}"
+            self._handles[name] = value
+            body["handle"] = name
+        else:
+            body["result"] = self.neutralise(value, node_id)
+        if want_blob:
+            body["blob"] = _blob(value, node_id)
+        return body
+
+    @staticmethod
+    def _result_options(request: Mapping[str, Any]) -> tuple[str, bool]:
+        mode = _field(request, "return", str, "value")
+        if mode not in ("value", "handle"):
+            raise CommandError("bad_request", f"field 'return' must be 'value' or 'handle', got {mode!r}")
+        return mode, _field(request, "blob", bool, False)
+
+    # ------------------------------------------------------------------ catalog access
+
+    def _entry(self, node_id: Any) -> _Entry:
+        if not isinstance(node_id, str):
+            raise CommandError("bad_request", f"node ids are strings, got {type(node_id).__name__}")
+        try:
+            return self._catalog[node_id]
+        except KeyError:
+            raise CommandError(
+                "unknown_node", f"unknown node {node_id!r}: this plan loaded {sorted(self._catalog)}", node_id=node_id
+            ) from None
+
+    def _node_ids(self, request: Mapping[str, Any], name: str = "node_ids") -> list[str]:
+        node_ids = _field(request, name, list)
+        for node_id in node_ids:
+            self._entry(node_id)
+        return node_ids
+
+    def _owner(self, node_id: str, entry: _Entry) -> Any:
+        owner = _call(None, node_id, parameter_owner, entry.filter)
+        if owner is None:
+            raise CommandError(
+                "no_parameters",
+                f"node {node_id!r} ({type(entry.filter).__name__}) has no parameter owner: define soma_module(), "
+                "named_parameters, or a module/model/net attribute",
+                node_id=node_id,
+            )
+        return owner
+
+    def _fit_state(self, node_id: str, entry: _Entry, state: Any) -> Any:
+        try:
+            return unwrap_state(entry.filter, state)
+        except CommandError as exc:
+            exc.node_id = node_id
+            raise
+
+    # ------------------------------------------------------------------ commands
+
+    def _load(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        filters = _field(request, "filters", list)
+        runtime = _field(request, "runtime", (dict, type(None)), None)
+        seed = _field(request, "seed", (int, type(None)), None)
+        states = _field(request, "states", dict, {})
+        specs = []
+        for spec in filters:
+            if not isinstance(spec, dict):
+                raise CommandError("bad_request", f"field 'filters' holds a {type(spec).__name__}, expected dicts")
+            specs.append(
+                (
+                    _field(spec, "id", str),
+                    _field(spec, "pickle", (bytes, bytearray, memoryview)),
+                    _field(spec, "trainable", bool),
+                    _field(spec, "differentiable", bool, False),
+                )
+            )
+        self._catalog = {}
+        self._handles = {}
+        self._seed = None
+        gc.collect()
+        _check_runtime(runtime)
+        catalog: dict[str, _Entry] = {}
+        for node_id, data, trainable, differentiable in specs:
+            catalog[node_id] = _Entry(_unpickle_filter(node_id, data, trainable, runtime), trainable, differentiable)
+        self._catalog = catalog
+        self._seed = seed
+        try:
+            with self._seed_scope():
+                for node_id, state in states.items():
+                    entry = self._entry(node_id)
+                    entry.state = self._fit_state(node_id, entry, self.materialise(state))
+        except BaseException:
+            self._catalog = {}
+            self._seed = None
+            raise
+        return {"loaded": [node_id for node_id, *_ in specs]}
+
+    def _fit(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        node_id = _field(request, "node_id", str)
+        entry = self._entry(node_id)
+        mode, _ = self._result_options(request)
+        data = self.materialise(_field(request, "data", object))
+        y = self.materialise(request.get("y"))
+        if entry.trainable:
+            entry.state = _call("fit", node_id, entry.filter.fit, data, y)
+            result = _call(None, node_id, wrap_state, entry.filter, entry.state, snapshot=mode == "handle")
+        else:
+            entry.state = None
+            result = None
+        return self._reply_value(request, result, node_id)
+
+    def _forward(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        node_id = _field(request, "node_id", str)
+        entry = self._entry(node_id)
+        self._result_options(request)
+        evolve = _field(request, "evolve", bool, False)
+        data = self.materialise(_field(request, "data", object))
+        state = None
+        if entry.trainable:
+            if "state" in request:
+                state = self._fit_state(node_id, entry, self.materialise(request["state"]))
+            else:
+                state = entry.state
+        output = _call("forward", node_id, entry.filter.forward, data, state)
+        update = getattr(entry.filter, "update", None)
+        if evolve and entry.trainable and callable(update):
+            entry.state = _call("update", node_id, update, data, state)
+        return self._reply_value(request, output, node_id)
+
+    def _composite_nodes(self, request: Mapping[str, Any]) -> list[CompositeNode]:
+        return [
+            CompositeNode(node_id, entry.filter, entry.trainable)
+            for node_id in self._node_ids(request)
+            for entry in (self._catalog[node_id],)
+        ]
+
+    def _composite_states(self, request: Mapping[str, Any], nodes: Sequence[CompositeNode]) -> dict[str, Any]:
+        given = self.materialise(_field(request, "states", dict, {}))
+        states = {}
+        for node in nodes:
+            entry = self._catalog[node.node_id]
+            if node.node_id in given:
+                states[node.node_id] = self._fit_state(node.node_id, entry, given[node.node_id])
+            else:
+                states[node.node_id] = entry.state
+        return states
+
+    def _composite_forward(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        nodes = self._composite_nodes(request)
+        self._result_options(request)
+        grad = _field(request, "grad", bool, False)
+        data = self.materialise(_field(request, "data", object))
+        states = self._composite_states(request, nodes)
+        output = composite_forward(nodes, data, states, grad=grad)
+        return self._reply_value(request, output, nodes[-1].node_id if nodes else None)
+
+    def _composite_fit(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        nodes = self._composite_nodes(request)
+        self._result_options(request)
+        phase = _field(request, "phase", str, "all")
+        if phase not in _PHASES:
+            raise CommandError("bad_request", f"field 'phase' must be one of {list(_PHASES)}, got {phase!r}")
+        data = self.materialise(_field(request, "data", object))
+        y = self.materialise(request.get("y"))
+        states = self._composite_states(request, nodes)
+        outcome = composite_fit(nodes, data, y, states, phase=phase)
+        if phase != "grad":
+            for node_id, state in outcome.states.items():
+                self._catalog[node_id].state = state
+        reply_states = {}
+        for node in nodes:
+            owner = _call(None, node.node_id, parameter_owner, node.filter)
+            if node.trainable or owner is not None:
+                fit_state = outcome.states.get(node.node_id)
+                reply_states[node.node_id] = self.neutralise(
+                    _call(None, node.node_id, wrap_state, node.filter, fit_state), node.node_id
+                )
+        body = self._reply_value(request, outcome.output, nodes[-1].node_id if nodes else None)
+        return {**body, "states": reply_states, "loss": outcome.loss}
+
+    def _get_state(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        node_id = _field(request, "node_id", str)
+        entry = self._entry(node_id)
+        state = _call(None, node_id, wrap_state, entry.filter, entry.state)
+        return {"state": self.neutralise(state, node_id)}
+
+    def _set_state(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        node_id = _field(request, "node_id", str)
+        entry = self._entry(node_id)
+        state = self.materialise(_field(request, "state", object))
+        entry.state = self._fit_state(node_id, entry, state)
+        return {}
+
+    def _get_gradients(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        node_id = _field(request, "node_id", str)
+        owner = self._owner(node_id, self._entry(node_id))
+        gradients: dict[str, TorchData] = {}
+        missing: list[str] = []
+        for name, parameter in owner.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            if parameter.grad is None:
+                missing.append(name)
+            else:
+                gradients[name] = _tensor_to_marker(parameter.grad)
+        if not gradients:
+            raise CommandError(
+                "no_gradient",
+                f"node {node_id!r} has no gradient: run COMPOSITE_FIT with phase grad first",
+                node_id=node_id,
+            )
+        return {"gradients": gradients, "missing": missing}
+
+    def _apply_gradients(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        node_id = _field(request, "node_id", str)
+        entry = self._entry(node_id)
+        owner = self._owner(node_id, entry)
+        gradients = self.materialise(_field(request, "gradients", dict))
+        lr = _field(request, "lr", (int, float, type(None)), None)
+        torch = _torch()
+        parameters = dict(owner.named_parameters())
+        tensors: dict[str, Any] = {}
+        problems: list[str] = []
+        for name, gradient in gradients.items():
+            parameter = parameters.get(name)
+            if parameter is None:
+                problems.append(f"{name!r} is not a parameter")
+                continue
+            tensor = gradient if _is_tensor(gradient) else torch.as_tensor(gradient)
+            if tuple(tensor.shape) != tuple(parameter.shape):
+                problems.append(f"{name!r} has shape {tuple(tensor.shape)}, the parameter {tuple(parameter.shape)}")
+                continue
+            tensors[name] = tensor.to(dtype=parameter.dtype, device=parameter.device)
+        if problems or not tensors:
+            expected = {name: tuple(p.shape) for name, p in parameters.items()}
+            detail = "; ".join(problems) if problems else "no gradient given"
+            raise CommandError(
+                "gradient_mismatch", f"gradients do not match node {node_id!r}: {detail}; parameters: {expected}", node_id=node_id
+            )
+        optimizer = getattr(entry.filter, "optimizer", None)
+        if optimizer is None:
+            if entry.sgd is None and lr is None:
+                raise CommandError(
+                    "no_optimizer",
+                    f"node {node_id!r} has no optimizer attribute and the request gives no lr",
+                    node_id=node_id,
+                )
+            if entry.sgd is None:
+                entry.sgd = torch.optim.SGD(owner.parameters(), lr=lr)
+            elif lr is not None:
+                for group in entry.sgd.param_groups:
+                    group["lr"] = lr
+            optimizer = entry.sgd
+        for name, parameter in parameters.items():
+            parameter.grad = tensors.get(name)
+        _call("optimizer", node_id, optimizer.step)
+        _call("optimizer", node_id, optimizer.zero_grad, True)
+        return {}
+
+    def _batched_fit(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        node_ids = self._node_ids(request)
+        if not node_ids:
+            raise CommandError("bad_request", "field 'node_ids' is empty")
+        preds = _field(request, "preds", (dict, type(None)), None)
+        batch_size = _field(request, "batch_size", int, 32)
+        if batch_size < 1:
+            raise CommandError("bad_request", f"field 'batch_size' must be >= 1, got {batch_size}")
+        outputs_wanted = _field(request, "outputs", list, [node_ids[-1]])
+        self._result_options(request)
+        inputs_of = self._batched_inputs(node_ids, preds, outputs_wanted)
+        data = self.materialise(_field(request, "data", object))
+        y = self.materialise(request.get("y"))
+        given = self.materialise(_field(request, "states", dict, {}))
+        request_id = request["id"]
+        outputs: dict[str, Any] = {}
+        for node_id in node_ids:
+            entry = self._catalog[node_id]
+            sources = inputs_of[node_id]
+            if not sources:
+                x = data
+            elif len(sources) == 1:
+                x = outputs[sources[0]]
+            else:
+                x = {source: outputs[source] for source in sources}
+            state = None
+            if entry.trainable:
+                if node_id in given:
+                    state = self._fit_state(node_id, entry, given[node_id])
+                elif batching.has_partial_fit(entry.filter) and batching.is_row_sliceable(x):
+                    state = self._partial_fit(request_id, node_id, entry, x, y, batch_size)
+                else:
+                    state = _call("fit", node_id, entry.filter.fit, x, y)
+                entry.state = state
+            outputs[node_id] = _call("forward", node_id, entry.filter.forward, x, state)
+        if len(outputs_wanted) == 1:
+            result = outputs[outputs_wanted[0]]
+        else:
+            result = {node_id: outputs[node_id] for node_id in outputs_wanted}
+        states = {
+            node_id: self.neutralise(
+                _call(None, node_id, wrap_state, self._catalog[node_id].filter, self._catalog[node_id].state), node_id
+            )
+            for node_id in node_ids
+            if self._catalog[node_id].trainable
+        }
+        body = self._reply_value(request, result, node_ids[-1])
+        return {**body, "states": states}
+
+    def _batched_inputs(
+        self, node_ids: list[str], preds: Mapping[str, Any] | None, outputs: list[Any]
+    ) -> dict[str, list[str]]:
+        inputs_of: dict[str, list[str]] = {}
+        for index, node_id in enumerate(node_ids):
+            if preds is None:
+                sources = [node_ids[index - 1]] if index else []
+            else:
+                sources = preds.get(node_id, [])
+                if not isinstance(sources, list):
+                    raise CommandError("bad_request", f"field 'preds' maps {node_id!r} to a {type(sources).__name__}")
+            for source in sources:
+                if source not in inputs_of:
+                    raise CommandError(
+                        "bad_request",
+                        f"field 'preds': {node_id!r} reads {source!r}, which is not an earlier entry of node_ids",
+                    )
+            inputs_of[node_id] = sources
+        for node_id in outputs:
+            if node_id not in inputs_of:
+                raise CommandError("bad_request", f"field 'outputs' names {node_id!r}, which is not in node_ids")
+        return inputs_of
+
+    def _partial_fit(self, request_id: int, node_id: str, entry: _Entry, x: Any, y: Any, batch_size: int) -> Any:
+        filter_obj = entry.filter
+
+        class _Guarded:
+            @staticmethod
+            def partial_fit(x_b: Any, y_b: Any, state: Any) -> Any:
+                return _call("partial_fit", node_id, filter_obj.partial_fit, x_b, y_b, state)
+
+        def progress(batch: int, n_batches: int, rows: int, total_rows: int) -> None:
+            self._emit(
+                {
+                    "kind": "progress",
+                    "id": request_id,
+                    "node_id": node_id,
+                    "batch": batch,
+                    "n_batches": n_batches,
+                    "rows": rows,
+                    "total_rows": total_rows,
+                }
+            )
+
+        try:
+            return batching.partial_fit_loop(_Guarded(), x, y, batch_size, progress)
+        except RowMismatchError as exc:
+            raise CommandError("row_mismatch", str(exc), node_id=node_id) from exc
+
+    def _shutdown(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        self.stopping = True
+        return {}
+
+
+def _is_neutral_key(key: object) -> bool:
+    kind = type(key)
+    if kind in _LEAF_TYPES:
+        return True
+    if kind is tuple:
+        return all(_is_neutral_key(item) for item in key)  # type: ignore[attr-defined]
+    return _is_plain_numpy(key) and not _is_ndarray(key)
+
+
+def _is_plain_numpy(value: object) -> bool:
+    """An ndarray (not a subclass) or numpy scalar whose dtype the parent can unpickle."""
+    if type(value).__module__ != "numpy":
+        return False
+    numpy = sys.modules["numpy"]
+    if not (type(value) is numpy.ndarray or isinstance(value, numpy.generic)):
+        return False
+    dtype = value.dtype  # type: ignore[attr-defined]
+    # The restricted unpickler knows numpy's own scalar types only, and no objects.
+    return not dtype.hasobject and dtype.type.__module__ == "numpy"
+
+
+def _blob(value: Any, node_id: str | None) -> bytes:
+    try:
+        return pickle.dumps(value, protocol=5)
+    except Exception:  # noqa: BLE001 - any pickling failure falls back to cloudpickle, per the cache format
+        try:
+            return cloudpickle.dumps(value, protocol=5)
+        except Exception as exc:
+            raise CommandError(
+                "encoding_error",
+                f"cannot pickle the {type(value).__name__} from node {node_id!r} into a cache blob: {exc}",
+                node_id=node_id,
+            ) from exc
+
+
+def _check_runtime(runtime: Mapping[str, Any] | None) -> None:
+    """Refuse a client runtime of another Python or cloudpickle minor (isolation.md §7)."""
+    if runtime is None:
+        return
+    client_python = _field(runtime, "python", str)
+    client_cloudpickle = _field(runtime, "cloudpickle", str)
+    child_python = platform.python_version()
+    child_cloudpickle = cloudpickle.__version__
+    if (_major_minor(client_python), _major_minor(client_cloudpickle)) != (
+        _major_minor(child_python),
+        _major_minor(child_cloudpickle),
+    ):
+        raise CommandError(
+            "runtime_mismatch",
+            f"client Python {_major_minor(client_python)} / cloudpickle {_major_minor(client_cloudpickle)}; "
+            f"child {sys.executable} is Python {_major_minor(child_python)} / cloudpickle "
+            f"{_major_minor(child_cloudpickle)}",
+        )
+    if (client_python, client_cloudpickle) != (child_python, child_cloudpickle):
+        isolation_logger.warning(
+            "patch versions differ: client Python %s / cloudpickle %s, child %s is Python %s / cloudpickle %s",
+            client_python,
+            client_cloudpickle,
+            sys.executable,
+            child_python,
+            child_cloudpickle,
+        )
+
+
+def _unpickle_filter(node_id: str, data: Any, trainable: bool, runtime: Mapping[str, Any] | None) -> Any:
+    hint = f"; {_VERSION_SKEW_HINT}" if runtime is None else ""
+    try:
+        obj = cloudpickle.loads(data)
+    except BaseException as exc:  # unpickling runs user code (__setstate__, imports): any failure is reported
+        raise CommandError(
+            "unpickle_error",
+            f"cannot unpickle filter {node_id!r}: {type(exc).__name__}: {exc}{hint}",
+            node_id=node_id,
+        ) from exc
+    if not callable(getattr(obj, "forward", None)) or (trainable and not callable(getattr(obj, "fit", None))):
+        raise CommandError(
+            "unpickle_error",
+            f"not a filter, got {type(obj).__module__}.{type(obj).__qualname__}; {_VERSION_SKEW_HINT}",
+            node_id=node_id,
+        )
+    return obj
+
+
+# --------------------------------------------------------------------------- process entry point
+
+
+def greeting() -> dict[str, Any]:
+    """The ready frame (isolation.md §2.1); versions come from package metadata, nothing is imported."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {
+        "kind": "ready",
+        "protocol": PROTOCOL,
+        "pid": os.getpid(),
+        "python": platform.python_version(),
+        "implementation": sys.implementation.name,
+        "cloudpickle": cloudpickle.__version__,
+        "soma": installed("soma-runtime"),
+        "numpy": installed("numpy"),
+        "torch": installed("torch"),
+    }
+
+
+class _MissingGlobal:
+    """Stands in for a class or function the request names but this environment cannot import."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _MissingGlobal:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+class _RequestUnpickler(pickle.Unpickler):
+    """Full unpickling, except that a missing module (numpy absent) becomes a placeholder.
+
+    The request is then still readable, so its id gets a ``missing_dependency`` reply
+    instead of the child exiting as if the frame were corrupt.
+    """
+
+    def __init__(self, payload: Any, buffers: list[Any]) -> None:
+        super().__init__(io.BytesIO(payload), buffers=buffers)
+        self.missing: list[str] = []
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            self.missing.append(f"{module}.{name}")
+            return _MissingGlobal
+
+
+def _load_request(payload: Any, buffers: list[Any]) -> tuple[Any, list[str]]:
+    unpickler = _RequestUnpickler(payload, buffers)
+    return unpickler.load(), unpickler.missing
+
+
+def serve(read_fd: int, write_fd: int) -> int:
+    """Answer requests until SHUTDOWN or EOF (0), or a corrupt request frame (3); return the exit code."""
+    daemon = Daemon(lambda message: channel.write_frame(write_fd, message))
+    while True:
+        try:
+            request, missing = channel.read_frame(read_fd, loads=_load_request)
+        except channel.ChannelClosed:
+            return 0
+        except Exception as exc:  # noqa: BLE001 - a frame or payload we cannot parse: the channel is out of step
+            isolation_logger.error("corrupt request frame, exiting: %s: %s", type(exc).__name__, exc)
+            return EXIT_CORRUPT_REQUEST
+        command = request.get("cmd") if isinstance(request, dict) else None
+        if missing:
+            reply = {
+                "kind": "reply",
+                "id": request.get("id") if isinstance(request, dict) else None,
+                "ok": False,
+                "error": _error_dict(
+                    "missing_dependency",
+                    f"the request holds values of {sorted(set(missing))}, which the child ({sys.executable}) "
+                    "cannot import; install the package in the filter's environment",
+                    command=command,
+                ),
+            }
+        else:
+            reply = daemon.handle(request)
+        try:
+            channel.write_frame(write_fd, reply)
+        except BrokenPipeError:
+            return 0
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - pickling fails before any byte is written
+            error = _error_dict(
+                "encoding_error", f"the reply could not be pickled: {type(exc).__name__}: {exc}", command=command, exc=exc
+            )
+            channel.write_frame(write_fd, {"kind": "reply", "id": reply.get("id"), "ok": False, "error": error})
+        if daemon.stopping:
+            return 0
+
+
+def _die_with_parent() -> None:
+    # A SIGKILLed parent closes nothing we would notice while user code runs: ask the
+    # kernel to kill us when the parent thread that spawned us exits.
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="soma.isolation.daemon", add_help=False)
+    parser.add_argument("--fds", required=True, help="R,W: the request and reply pipe ends")
+    parser.add_argument("--rlimit-as", type=int, default=None)
+    args = parser.parse_args(argv)
+    read_fd, _, write_fd = args.fds.partition(",")
+    args.read_fd, args.write_fd = int(read_fd), int(write_fd)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the daemon on the fds of ``--fds R,W`` and exit with ``serve``'s code."""
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    faulthandler.enable()
+    if args.rlimit_as:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (args.rlimit_as, args.rlimit_as))
+    channel.write_frame(args.write_fd, greeting())
+    sys.exit(serve(args.read_fd, args.write_fd))
+
