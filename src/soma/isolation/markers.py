@@ -23,6 +23,10 @@ class Opaque:
     data: bytes
     buffers: list[Any] = field(default_factory=list)
 
+    def __hash__(self) -> int:
+        # Opaque objects can be dict keys (big ints, frozensets) on a worker that never unpickles them.
+        return hash(bytes(self.data))
+
 
 @dataclass(eq=True)
 class TorchData:
