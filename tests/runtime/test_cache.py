@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import threading
@@ -385,3 +386,13 @@ def test_disk_tier_relays_pre_pickled_blobs(tmp_path: Path) -> None:
 def test_dumps_reports_unpicklable_values() -> None:
     with pytest.raises(pickle.PicklingError):
         dumps(threading.Lock())
+
+
+def test_a_directory_removed_from_outside_is_recreated_on_write(tmp_path: Path) -> None:
+    directory = tmp_path / "cache"
+    cache = Cache(directory=directory)
+    cache.put(key("a"), 1)
+    shutil.rmtree(directory)
+    assert cache.info()["disk"]["entries"] == 0
+    cache.put(key("b"), 2)
+    assert data_file(directory, key("b")).exists()

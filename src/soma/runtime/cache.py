@@ -261,7 +261,7 @@ class DiskTier:
             "size": len(blob),
         }
         try:
-            path.parent.mkdir(exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             _write_atomically(path, blob)
             _write_atomically(
                 path.with_suffix(".json"), json.dumps(sidecar, default=str).encode("utf-8")
@@ -336,6 +336,8 @@ class DiskTier:
         return removed
 
     def _buckets(self) -> list[Path]:
+        if not self._root.is_dir():  # removed from outside; writes recreate it
+            return []
         return [p for p in self._root.iterdir() if p.is_dir()]
 
     def _entries(self) -> list[tuple[float, int, Path]]:
