@@ -107,6 +107,13 @@ def test_abandoned_upload_leaves_no_partial_file(store: Store) -> None:
         upload.commit()
 
 
+def test_writing_needs_an_open_store(tmp_path: Path) -> None:
+    closed = Store(tmp_path / "never-opened", ttl=60)
+    with pytest.raises(StoreError, match="not open"):
+        closed.put_bytes(b"x", ".json")
+    assert closed.sweep() == 0 and closed.bytes_used() == 0
+
+
 def test_unknown_suffix_is_a_programming_error(store: Store) -> None:
     with pytest.raises(SomaConfigError, match="suffix"):
         store.put_bytes(b"x", ".exe")

@@ -6,8 +6,8 @@ Two front doors build the same frozen ``WorkerConfig``:
     keyword args   --embedded_config---> WorkerConfig   (``soma.Worker``; no environment variables)
 
 Every failure is a ``SomaConfigError`` with a one-line reason; the CLI prints it and exits 2.
-Nothing here touches the network; the only file-system check is that ``--data-store`` is a
-directory.
+Nothing here sends network traffic; the only file-system check is that ``--data-store`` is
+a directory.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -65,12 +65,10 @@ _SIZE_UNITS = {
     **{unit: GIB for unit in ("g", "gb", "gib")},
     **{unit: 1024**4 for unit in ("t", "tb", "tib")},
 }
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
-
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
+_NUMBER_AND_UNIT = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", re.ASCII)
 
-_WORKER_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_WORKER_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _WORKER_ID_BAD_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -90,7 +88,7 @@ def parse_size(text: str | int) -> int:
         if text < 0:
             raise SomaConfigError(f"invalid size {text}: must not be negative")
         return text
-    match = _SIZE_RE.match(text)
+    match = _NUMBER_AND_UNIT.fullmatch(text)
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _SIZE_UNITS:
         raise SomaConfigError(
@@ -111,16 +109,13 @@ def parse_duration(text: str | float) -> float:
         if not 0 <= text < float("inf"):
             raise SomaConfigError(f"invalid duration {text!r}: must be a finite number >= 0")
         return float(text)
-    match = _DURATION_RE.match(text)
+    match = _NUMBER_AND_UNIT.fullmatch(text)
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _DURATION_UNITS:
         raise SomaConfigError(
             f"invalid duration {text!r}: use seconds or a number with a unit s, m, h, d or w (e.g. 7d)"
         )
-    try:
-        return float(Decimal(match.group(1)) * _DURATION_UNITS[unit])
-    except InvalidOperation as exc:  # pragma: no cover - the regex admits only decimal literals
-        raise SomaConfigError(f"invalid duration {text!r}") from exc
+    return float(Decimal(match.group(1)) * _DURATION_UNITS[unit])
 
 
 def parse_tags(values: Iterable[str] | str | None, *, has_gpu: bool) -> list[str]:
@@ -161,7 +156,7 @@ def sanitize_worker_id(name: str | None = None, *, pid: int | None = None) -> st
 
 def validate_worker_id(worker_id: str) -> str:
     """Return ``worker_id`` if it matches ``[A-Za-z0-9._-]{1,64}``, else raise ``SomaConfigError``."""
-    if not isinstance(worker_id, str) or not _WORKER_ID_RE.match(worker_id):
+    if not isinstance(worker_id, str) or not _WORKER_ID_RE.fullmatch(worker_id):
         raise SomaConfigError(
             f"invalid worker id {worker_id!r}: use 1 to 64 characters from A-Z, a-z, 0-9, '.', '_' and '-'"
         )

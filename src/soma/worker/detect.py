@@ -547,7 +547,7 @@ class LoadMeter:
         if not self.gpu_uuids:
             return []
         try:
-            import pynvml
+            import pynvml  # type: ignore[import-not-found,unused-ignore]
         except ImportError:
             return []
         try:

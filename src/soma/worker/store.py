@@ -396,6 +396,8 @@ class Store:
         body accepted. Raises ``BodyTooLarge`` when ``size > limit``, ``DiskLow`` when the
         disk is nearly full.
         """
+        if self._lock_fd is None:
+            raise StoreError(f"store {self.root} is not open: call open() first")
         if suffix not in STORE_SUFFIXES:
             raise SomaConfigError(f"store suffix must be one of {', '.join(STORE_SUFFIXES)}, got {suffix!r}")
         if size is not None and limit is not None and size > limit:
@@ -555,6 +557,8 @@ class Store:
 
     def _entries(self) -> list[tuple[str, Path, os.stat_result]]:
         entries = []
+        if not self.store_dir.is_dir():
+            return entries
         for path in self.store_dir.iterdir():
             key, _, suffix = path.name.partition(".")
             if _KEY_RE.match(key) and f".{suffix}" in STORE_SUFFIXES:
