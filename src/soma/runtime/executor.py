@@ -1,0 +1,979 @@
+"""The executor: walks a plan for ``fit``, ``forward``, ``run`` and streamed ``forward``.
+
+Data flow of one run::
+
+    Graph ──(plan, node records, x, y, states)──▶ Run
+      Run.execute:
+        check the plan (Loop/Branch, Remote without a remote runner -> CompileError)
+        open one NodeRunner per runner kind ("local", "subprocess", ...) and one
+        RemoteRunner per Remote target, for the nodes each will execute
+        RunStarted
+        walk: Sequence in order; Parallel on a thread pool when max_parallel > 1;
+              Execute/Cached/Composite node by node:
+                input (x, the predecessor's output, or {pred: output})
+                keys (KeyBook, §6.1) -> cache lookups (§6.4) -> runner.fit/forward
+              Remote: one RemoteRunner.run_block call for the whole block
+        RunCompleted / RunFailed
+      -> RunOutcome(outputs, states, state_keys); the Graph commits states on success.
+
+**The runner seam.** The walker never calls user code itself; it calls a
+``NodeRunner``. A runner factory receives a ``RunnerSpec`` (the run's phase, the
+node ids and filters it will execute, the seed and the timeout) and returns a context
+manager, opened once per run, with ``fit(node_id, x, y)``,
+``partial_fit(node_id, x, y, batch_size, on_batch)`` (the whole §5.4 batch loop),
+``forward(node_id, x, state)``, ``update(node_id, x, state)`` and a ``where`` string
+(``NodeStarted.target``). ``InProcessRunner`` calls user code directly and converts
+its exceptions to ``FilterError``. Runners for other places (a ``"subprocess"``
+runner executing nodes in an isolated child) are added to the mapping passed as
+``runners``, keyed by runner kind; a node's kind is ``"subprocess"`` for that target
+or ``Graph(isolation="subprocess")``, else ``"local"``; a kind without a registered
+factory runs in process. Runners may raise ``FilterError`` or ``ChildError``
+themselves: the walker passes them through, filling ``node_id`` and ``phase``.
+``Remote`` blocks go to a ``RemoteRunner`` (``remote_runner(target, spec)``) with one
+``run_block(BlockRequest, emit) -> BlockResult`` call per block; without one, a plan
+with a ``Remote`` step raises ``CompileError`` before any user code runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Protocol
+
+from soma.errors import ChildError, CompileError, FilterError, RowMismatchError
+from soma.filter import params_of
+from soma.runtime import events as ev
+from soma.runtime.batching import (
+    BatchCallback,
+    concat_chunks,
+    has_partial_fit,
+    is_row_sliceable,
+    n_rows,
+    output_summary,
+    partial_fit_loop,
+    split_chunks,
+)
+from soma.runtime.cache import Cache
+from soma.runtime.events import EventHub
+from soma.runtime.hashing import Unhashable, content, fanin_key, filter_identity, fit_key, out_key
+from soma.runtime.plan import (
+    Branch,
+    Cached,
+    Composite,
+    Empty,
+    Execute,
+    GraphShape,
+    Loop,
+    Parallel,
+    PlanStep,
+    Remote,
+    Sequence,
+    cached_count,
+    iter_steps,
+    parallel_branches,
+)
+
+__all__ = [
+    "BlockRequest",
+    "BlockResult",
+    "InProcessRunner",
+    "KeyBook",
+    "NodeRecord",
+    "NodeRunner",
+    "RemoteRunner",
+    "RemoteRunnerFactory",
+    "Run",
+    "RunOutcome",
+    "RunnerFactory",
+    "RunnerSpec",
+    "default_runners",
+    "has_parameter_owner",
+]
+
+
+# ---------------------------------------------------------------------------- node records
+
+
+class NodeRecord:
+    """One node as the executor sees it: the filter and the metadata read at ``node()`` time."""
+
+    __slots__ = (
+        "_identity",
+        "cacheable",
+        "differentiable",
+        "filter",
+        "filter_name",
+        "node_id",
+        "requirements",
+        "stream_mode",
+        "target",
+        "trainable",
+        "version",
+    )
+
+    def __init__(
+        self,
+        node_id: str,
+        filter_obj: Any,
+        *,
+        trainable: bool,
+        differentiable: bool = False,
+        cacheable: bool = True,
+        stream_mode: str = "fixed",
+        target: str = "any",
+        version: Any = None,
+        requirements: tuple[str, ...] = (),
+    ) -> None:
+        self.node_id = node_id
+        self.filter = filter_obj
+        self.filter_name = type(filter_obj).__name__
+        self.trainable = trainable
+        self.differentiable = differentiable
+        self.cacheable = cacheable
+        self.stream_mode = stream_mode
+        self.target = target
+        self.version = version
+        self.requirements = requirements
+        self._identity: bytes | None = None
+
+    @property
+    def kind(self) -> str:
+        """``"Trainable"`` or ``"Stateless"``, as events name it."""
+        return "Trainable" if self.trainable else "Stateless"
+
+    def identity(self) -> bytes:
+        """The filter identity of §6.1, computed once: class code, ``_version`` and requirements are fixed."""
+        if self._identity is None:
+            self._identity = filter_identity(self.filter, self.version, self.requirements)
+        return self._identity
+
+    def copy_with(self, filter_obj: Any) -> NodeRecord:
+        """The same node around another filter object of the same class (``Graph.with_params``)."""
+        twin = NodeRecord(
+            self.node_id,
+            filter_obj,
+            trainable=self.trainable,
+            differentiable=self.differentiable,
+            cacheable=self.cacheable,
+            stream_mode=self.stream_mode,
+            target=self.target,
+            version=self.version,
+            requirements=self.requirements,
+        )
+        if type(filter_obj) is type(self.filter):
+            twin._identity = self._identity
+        return twin
+
+
+def has_parameter_owner(filter_obj: Any) -> bool:
+    """Whether a filter trains weights in place (isolation.md §4): its fit states are never cached."""
+    if callable(getattr(filter_obj, "soma_module", None)):
+        return True
+    if callable(getattr(filter_obj, "named_parameters", None)):
+        return True
+    return any(
+        callable(getattr(getattr(filter_obj, name, None), "named_parameters", None))
+        for name in ("module", "model", "net")
+    )
+
+
+# ---------------------------------------------------------------------------- runner seam
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """What a runner is told when a run opens it."""
+
+    phase: str
+    node_ids: tuple[str, ...]
+    filters: Mapping[str, Any]
+    seed: int | None
+    timeout: float | None
+
+
+class NodeRunner(Protocol):
+    """Executes user methods of the nodes it was opened for (see the module docstring)."""
+
+    where: str
+
+    def __enter__(self) -> NodeRunner: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    def fit(self, node_id: str, x: Any, y: Any) -> Any: ...
+
+    def partial_fit(self, node_id: str, x: Any, y: Any, batch_size: int, on_batch: BatchCallback) -> Any: ...
+
+    def forward(self, node_id: str, x: Any, state: Any) -> Any: ...
+
+    def update(self, node_id: str, x: Any, state: Any) -> Any: ...
+
+
+RunnerFactory = Callable[[RunnerSpec], NodeRunner]
+
+
+class InProcessRunner:
+    """Calls user code on the calling thread; user exceptions become ``FilterError``."""
+
+    where = "local"
+
+    def __init__(self, spec: RunnerSpec) -> None:
+        self._filters = spec.filters
+        self._phase = spec.phase
+
+    def __enter__(self) -> InProcessRunner:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        return None
+
+    def _error(self, method: str, node_id: str, exc: Exception) -> FilterError:
+        return FilterError(method, exc, node_id=node_id, phase=self._phase)
+
+    def fit(self, node_id: str, x: Any, y: Any) -> Any:
+        try:
+            return self._filters[node_id].fit(x, y)
+        except Exception as exc:
+            raise self._error("fit", node_id, exc) from exc
+
+    def partial_fit(self, node_id: str, x: Any, y: Any, batch_size: int, on_batch: BatchCallback) -> Any:
+        try:
+            return partial_fit_loop(self._filters[node_id], x, y, batch_size, on_batch)
+        except RowMismatchError:
+            raise
+        except Exception as exc:
+            raise self._error("partial_fit", node_id, exc) from exc
+
+    def forward(self, node_id: str, x: Any, state: Any) -> Any:
+        try:
+            return self._filters[node_id].forward(x, state)
+        except Exception as exc:
+            raise self._error("forward", node_id, exc) from exc
+
+    def update(self, node_id: str, x: Any, state: Any) -> Any:
+        try:
+            return self._filters[node_id].update(x, state)
+        except Exception as exc:
+            raise self._error("update", node_id, exc) from exc
+
+
+def default_runners() -> dict[str, RunnerFactory]:
+    """The runner factories available in this process, by runner kind."""
+    return {"local": InProcessRunner}
+
+
+@dataclass(frozen=True)
+class BlockRequest:
+    """One ``Remote`` block to execute (the fields of a serialised plan, worker.md §5.6)."""
+
+    run_id: str
+    phase: str
+    block: Remote
+    nodes: tuple[str, ...]
+    edges: tuple[tuple[str, str], ...]
+    x: Any
+    has_roots: bool
+    external: Mapping[str, Any]
+    y: Any
+    batch_size: int | None
+    states: Mapping[str, Any]
+    keys: Mapping[str, tuple[str | None, str | None]]
+    outputs: tuple[str, ...]
+    seed: int | None
+    timeout: float | None
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    """What a block sends back: the outputs needed outside it and, in fit, the new states."""
+
+    outputs: Mapping[str, Any]
+    states: Mapping[str, Any] = field(default_factory=dict)
+    state_keys: Mapping[str, str | None] = field(default_factory=dict)
+
+
+class RemoteRunner(Protocol):
+    """Executes ``Remote`` blocks for one target; emits (or re-emits) their node events via ``emit``."""
+
+    def __enter__(self) -> RemoteRunner: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    def run_block(self, request: BlockRequest, emit: Callable[[dict[str, Any]], None]) -> BlockResult: ...
+
+
+RemoteRunnerFactory = Callable[[str, RunnerSpec], RemoteRunner]
+
+
+# ---------------------------------------------------------------------------- cache keys
+
+_UNKNOWN: Any = object()  # a key that cannot be known before the run produces an output
+
+
+class KeyBook:
+    """The cache keys of one run (§6.1): x and y hashed at most once, keys derived along edges.
+
+    A key is a 64-hex ``str``, ``None`` when undefined (a part cannot be hashed; the
+    reason is in ``reasons``), or unknown yet (absent) when it depends on the actual
+    output of a node that has not run.
+    """
+
+    def __init__(
+        self,
+        shape: GraphShape,
+        nodes: Mapping[str, NodeRecord],
+        *,
+        x: Any,
+        y: Any = None,
+        seed: int | None,
+        batch_size: int | None = None,
+        state_keys: Mapping[str, str | None] | None = None,
+    ) -> None:
+        self._shape = shape
+        self._nodes = nodes
+        self._x = x
+        self._y = y
+        self._seed = seed
+        self._batch_size = batch_size
+        self.state_keys: dict[str, str | None] = dict(state_keys or {})
+        self._x_content: Any = _UNKNOWN
+        self._y_content: Any = _UNKNOWN
+        self._params: dict[str, bytes | None] = {}
+        self._output_content: dict[str, bytes | str | None] = {}
+        self.in_keys: dict[str, bytes | str | None] = {}
+        self.fit_keys: dict[str, str | None] = {}
+        self.out_keys: dict[str, str | None] = {}
+        self.reasons: dict[str, str] = {}
+
+    def _content(self, value: Any) -> bytes | None:
+        try:
+            return content(value)
+        except Unhashable:
+            return None
+
+    def _x_key(self, nid: str) -> bytes | None:
+        if self._x_content is _UNKNOWN:
+            self._x_content = self._content(self._x)
+        if self._x_content is None:
+            self.reasons.setdefault(nid, "its input x cannot be hashed")
+        return self._x_content
+
+    def _y_key(self, nid: str) -> bytes | None:
+        if self._y_content is _UNKNOWN:
+            self._y_content = self._content(self._y)
+        if self._y_content is None:
+            self.reasons.setdefault(nid, "y cannot be hashed")
+        return self._y_content
+
+    def params(self, nid: str) -> bytes | None:
+        """``content`` of the node's current parameters (read at each run), ``None`` if unhashable."""
+        if nid not in self._params:
+            self._params[nid] = self._content(params_of(self._nodes[nid].filter))
+        if self._params[nid] is None:
+            self.reasons.setdefault(nid, "its parameters cannot be hashed")
+        return self._params[nid]
+
+    def ref(self, pid: str, outputs: Mapping[str, Any]) -> Any:
+        """``out_key(p)`` for a cacheable p with a defined key, else ``content`` of p's actual output."""
+        if self._nodes[pid].cacheable:
+            key = self.out_keys.get(pid)
+            if key is not None:
+                return key
+        if pid in self._output_content:
+            return self._output_content[pid]
+        if pid not in outputs:
+            return _UNKNOWN
+        digest = self._content(outputs[pid])
+        self._output_content[pid] = digest
+        return digest
+
+    def in_key(self, nid: str, outputs: Mapping[str, Any]) -> Any:
+        """The input key of a node; ``_UNKNOWN`` while it depends on an output not produced yet."""
+        if nid in self.in_keys:
+            return self.in_keys[nid]
+        preds = self._shape.predecessors[nid]
+        key: Any
+        if not preds:
+            key = self._x_key(nid)
+        else:
+            refs = [(p, self.ref(p, outputs)) for p in preds]
+            if any(r is _UNKNOWN for _, r in refs):
+                return _UNKNOWN
+            if any(r is None for _, r in refs):
+                bad = next(p for p, r in refs if r is None)
+                self.reasons.setdefault(nid, f"the output of `{bad}` cannot be hashed")
+                key = None
+            elif len(refs) == 1:
+                key = refs[0][1]
+            else:
+                key = fanin_key(refs)
+        self.in_keys[nid] = key
+        return key
+
+    def fit_key(self, nid: str, in_key: Any) -> str | None:
+        """The state key of a trainable node in a fit (batch size counted for ``partial_fit`` filters)."""
+        if nid in self.fit_keys:
+            return self.fit_keys[nid]
+        node = self._nodes[nid]
+        key: str | None = None
+        params = self.params(nid)
+        y = self._y_key(nid)
+        if in_key is not None and params is not None and y is not None:
+            batch = self._batch_size if has_partial_fit(node.filter) else None
+            key = fit_key(node.identity(), params, in_key, y, self._seed, batch)
+        self.fit_keys[nid] = key
+        return key
+
+    def out_key(self, nid: str, in_key: Any, state_key: str | None) -> str | None:
+        """The output key of a node given its input key and the key of the state it runs with."""
+        if nid in self.out_keys:
+            return self.out_keys[nid]
+        key: str | None = None
+        params = self.params(nid)
+        if in_key is not None and params is not None:
+            if state_key is None:
+                self.reasons.setdefault(nid, "its state was produced without a cache key")
+            else:
+                key = out_key(self._nodes[nid].identity(), params, state_key, in_key, self._seed)
+        self.out_keys[nid] = key
+        return key
+
+    def predict(self, nid: str, outputs: Mapping[str, Any]) -> str | None:
+        """The output key of a cacheable node if it can be known now (fit keys use this run's x and y)."""
+        in_key = self.in_key(nid, outputs)
+        if in_key is _UNKNOWN:
+            return None
+        node = self._nodes[nid]
+        if not node.trainable:
+            state_key: str | None = "stateless"
+        elif nid in self.state_keys:
+            state_key = self.state_keys[nid]
+        else:
+            state_key = self.fit_key(nid, in_key)
+        return self.out_key(nid, in_key, state_key)
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+@dataclass
+class RunOutcome:
+    """What a successful run produced; the Graph commits ``states`` after a fit."""
+
+    outputs: dict[str, Any]
+    states: dict[str, Any]
+    state_keys: dict[str, str | None]
+    result: Any = None
+
+
+class Run:
+    """One execution of a plan. Create, then call ``execute()`` (or ``stream()``) once."""
+
+    def __init__(
+        self,
+        *,
+        phase: str,
+        shape: GraphShape,
+        nodes: Mapping[str, NodeRecord],
+        plan: PlanStep,
+        hub: EventHub,
+        x: Any = None,
+        y: Any = None,
+        batch_size: int | None = None,
+        states: Mapping[str, Any] | None = None,
+        state_keys: Mapping[str, str | None] | None = None,
+        cache: Cache | None = None,
+        keys: KeyBook | None = None,
+        seed: int | None = None,
+        max_parallel: int = 1,
+        timeout: float | None = None,
+        isolation: str | None = None,
+        runners: Mapping[str, RunnerFactory] | None = None,
+        remote_runner: RemoteRunnerFactory | None = None,
+        warn_uncached: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.phase = phase
+        self.shape = shape
+        self.nodes = nodes
+        self.plan = plan
+        self.hub = hub
+        self.x = x
+        self.y = y
+        self.batch_size = batch_size
+        self.states = states or {}
+        self.state_keys = state_keys or {}
+        self.cache = cache
+        self.seed = seed
+        self.max_parallel = max_parallel
+        self.timeout = timeout
+        self.isolation = isolation
+        self.runner_factories = runners if runners is not None else default_runners()
+        self.remote_runner = remote_runner
+        self.warn_uncached = warn_uncached
+        self.keys = keys or KeyBook(
+            shape, nodes, x=x, y=y, seed=seed, batch_size=batch_size, state_keys=self.state_keys
+        )
+        self.outputs: dict[str, Any] = {}
+        self.new_states: dict[str, Any] = {}
+        self.new_state_keys: dict[str, str | None] = {}
+        self._hits: dict[str, bool] = {}
+        self._runners: dict[str, NodeRunner] = {}
+        self._remotes: dict[str, RemoteRunner] = {}
+        self._fit_claims: dict[str, threading.Event] = {}
+        self._fit_shared: dict[str, Any] = {}
+        self._claims_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._in_pool = threading.local()
+        self._run_id: str | None = None
+        self._failed_at: dict[int, str] = {}
+
+    # -- identity and events --------------------------------------------------------
+
+    @property
+    def run_id(self) -> str:
+        if self._run_id is None:
+            self._run_id = f"graph_{self.phase}_{os.urandom(8).hex()}"
+        return self._run_id
+
+    def _emit(self, make: Callable[..., dict[str, Any]], *args: Any) -> None:
+        if self.hub.active:
+            self.hub.emit(make(self.run_id, self.phase, *args))
+
+    # -- entry points ---------------------------------------------------------------
+
+    def execute(self) -> RunOutcome:
+        """Run the plan; raise the first failure (after ``NodeFailed`` and ``RunFailed``)."""
+        self._check_plan(self.plan)
+        return self._lifecycle(self._walk_plan)
+
+    def stream(self, chunk_size: int) -> RunOutcome:
+        """Streamed forward of a linear graph (§5.6): chunks flow through the nodes, nothing cached."""
+        self._check_plan(self.plan)
+        if any(isinstance(s, Remote) for s in iter_steps(self.plan)):
+            raise CompileError("streamed forward of nodes placed on workers needs the remote stream runner")
+        return self._lifecycle(lambda: self._walk_stream(chunk_size))
+
+    def _check_plan(self, plan: PlanStep) -> None:
+        for step in iter_steps(plan):
+            if isinstance(step, (Loop, Branch)):
+                raise CompileError(f"{type(step).__name__} steps cannot be executed by this version")
+            if isinstance(step, Remote) and self.remote_runner is None:
+                raise CompileError(
+                    f"Remote({step.node_id}, target={step.target}) cannot run: no remote runner is available"
+                )
+
+    def _lifecycle(self, body: Callable[[], Any]) -> RunOutcome:
+        start = time.perf_counter()
+        if self.hub.active:
+            summary = {
+                "total_nodes": len(self.shape.nodes),
+                "cached_nodes": cached_count(self.plan),
+                "parallel_branches": parallel_branches(self.plan),
+            }
+            self._emit(ev.run_started, summary, self.seed, len(self.shape.nodes))
+        try:
+            with contextlib.ExitStack() as stack:
+                self._open_runners(stack)
+                result = body()
+        except BaseException as exc:
+            self._emit(ev.run_failed, str(exc), self._failed_at.get(id(exc), getattr(exc, "node_id", None)))
+            raise
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+        if self.hub.active:
+            hits = sum(self._hits.values())
+            elapsed = time.perf_counter() - start
+            self._emit(ev.run_completed, elapsed, len(self._hits) - hits, hits)
+        return RunOutcome(self.outputs, self.new_states, self.new_state_keys, result)
+
+    # -- runners --------------------------------------------------------------------
+
+    def _runner_kind(self, node: NodeRecord) -> str:
+        kind = "subprocess" if node.target == "subprocess" or self.isolation == "subprocess" else "local"
+        return kind if kind in self.runner_factories else "local"
+
+    def _open_runners(self, stack: contextlib.ExitStack) -> None:
+        """Open one runner per runner kind and one remote runner per target, for their nodes."""
+        remote_nodes: dict[str, list[str]] = {}
+        for step in iter_steps(self.plan):
+            if isinstance(step, Remote):
+                remote_nodes.setdefault(step.target, []).extend(_leaf_ids(step.plan))
+        in_remote = {nid for ids in remote_nodes.values() for nid in ids}
+        local_nodes: dict[str, list[str]] = {}
+        for nid in self.shape.order:
+            if nid not in in_remote:
+                local_nodes.setdefault(self._runner_kind(self.nodes[nid]), []).append(nid)
+        for kind, ids in local_nodes.items():
+            self._runners[kind] = stack.enter_context(self.runner_factories[kind](self._spec(ids)))
+        for target, ids in remote_nodes.items():
+            assert self.remote_runner is not None
+            self._remotes[target] = stack.enter_context(self.remote_runner(target, self._spec(ids)))
+
+    def _spec(self, node_ids: list[str]) -> RunnerSpec:
+        return RunnerSpec(
+            phase=self.phase,
+            node_ids=tuple(node_ids),
+            filters={nid: self.nodes[nid].filter for nid in node_ids},
+            seed=self.seed,
+            timeout=self.timeout,
+        )
+
+    # -- walking --------------------------------------------------------------------
+
+    def _walk_plan(self) -> Any:
+        self._step(self.plan)
+        return self._result()
+
+    def _result(self) -> Any:
+        if self.phase == "run":
+            return {nid: self.outputs[nid] for nid in self.shape.order}
+        sinks = self.shape.sinks
+        if not sinks:
+            return self.x
+        if len(sinks) == 1:
+            return self.outputs[sinks[0]]
+        return {nid: self.outputs[nid] for nid in sinks}
+
+    def _step(self, step: PlanStep) -> None:
+        if isinstance(step, (Execute, Cached)):
+            self._node(step.node_id)
+        elif isinstance(step, Sequence):
+            for child in step.steps:
+                self._step(child)
+        elif isinstance(step, Parallel):
+            self._parallel(step.branches)
+        elif isinstance(step, Composite):
+            for nid in step.node_ids:
+                self._node(nid)
+        elif isinstance(step, Remote):
+            self._remote(step)
+        elif not isinstance(step, Empty):  # pragma: no cover - refused by _check_plan
+            raise CompileError(f"cannot execute {type(step).__name__}")
+
+    def _parallel(self, branches: tuple[PlanStep, ...]) -> None:
+        if self.max_parallel <= 1 or len(branches) == 1 or getattr(self._in_pool, "active", False):
+            for branch in branches:
+                self._step(branch)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.max_parallel, thread_name_prefix="soma-node")
+        stop = threading.Event()
+
+        def member(branch: PlanStep) -> None:
+            if stop.is_set():
+                return
+            self._in_pool.active = True
+            try:
+                self._step(branch)
+            except BaseException:
+                stop.set()
+                raise
+            finally:
+                self._in_pool.active = False
+
+        # Each member gets its own copy of the caller's context: the seed and the
+        # re-entrancy mark reach user code and event callbacks on pool threads.
+        futures: list[Future[None]] = [
+            self._pool.submit(contextvars.copy_context().run, member, branch) for branch in branches
+        ]
+        # Wait for every member (running ones finish, queued ones see ``stop``), then
+        # raise the failure of the earliest member in canonical order.
+        errors = [f.exception() for f in futures]
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+
+    # -- one node -------------------------------------------------------------------
+
+    def _input(self, nid: str) -> Any:
+        preds = self.shape.predecessors[nid]
+        if not preds:
+            return self.x
+        if len(preds) == 1:
+            return self.outputs[preds[0]]
+        return {p: self.outputs[p] for p in preds}
+
+    def _node(self, nid: str) -> None:
+        node = self.nodes[nid]
+        runner = self._runners[self._runner_kind(node)]
+        self._emit(ev.node_started, nid, node.kind, runner.where)
+        start = time.perf_counter()
+        try:
+            hit = self._compute(node, runner)
+        except BaseException as exc:
+            self._node_failed(nid, exc, time.perf_counter() - start)
+            raise
+        self._hits[nid] = hit
+        if self.hub.active:
+            summary = output_summary(self.outputs[nid])
+            self._emit(ev.node_completed, nid, time.perf_counter() - start, hit, summary)
+
+    def _node_failed(self, nid: str, exc: BaseException, duration_s: float) -> None:
+        if isinstance(exc, (FilterError, ChildError)) and exc.node_id is None:
+            exc.node_id = nid
+        if isinstance(exc, FilterError) and exc.phase is None:
+            exc.phase = self.phase
+        self._failed_at.setdefault(id(exc), nid)
+        error_type = exc.type_name if isinstance(exc, FilterError) else type(exc).__name__
+        self._emit(ev.node_failed, nid, str(exc), error_type, duration_s)
+
+    def _compute(self, node: NodeRecord, runner: NodeRunner) -> bool:
+        """Produce the node's output (and state, in fit); return whether no user method ran."""
+        nid = node.node_id
+        x = self._input(nid)
+        keyed = self.cache is not None and node.cacheable
+        in_key: Any = self.keys.in_key(nid, self.outputs) if keyed else None
+        hit = True
+        if not node.trainable:
+            state, state_key = None, "stateless"
+        elif self.phase == "fit":
+            state, state_key, fitted = self._fit_state(node, runner, x, in_key if keyed else None, keyed)
+            hit = not fitted
+        else:
+            state = self.states.get(nid)
+            state_key = self.state_keys.get(nid)
+        okey = self.keys.out_key(nid, in_key, state_key) if keyed else None
+        if keyed and okey is None and not node.differentiable:
+            self._warn_uncached(nid)
+        use_cache = okey is not None and not node.differentiable
+        if use_cache:
+            found = self._lookup(nid, okey, "output")  # type: ignore[arg-type]
+            if found is not None:
+                self.outputs[nid] = found.value
+                return hit
+        output = runner.forward(nid, x, state)
+        if use_cache:
+            assert self.cache is not None
+            self.cache.put(okey, output, kind="output", node_id=nid, filter_name=node.filter_name)  # type: ignore[arg-type]
+        self.outputs[nid] = output
+        return False
+
+    def _fit_state(
+        self, node: NodeRecord, runner: NodeRunner, x: Any, in_key: Any, keyed: bool
+    ) -> tuple[Any, str | None, bool]:
+        """The node's new state: from the cache, shared with an identical sibling, or fitted."""
+        nid = node.node_id
+        fkey = self.keys.fit_key(nid, in_key) if in_key is not None else None
+        if has_parameter_owner(node.filter):
+            # Weights are trained in place on the filter object: a skipped fit would
+            # leave them untrained, so the state is never cached (§6.4).
+            state = self._call_fit(node, runner, x)
+            self._commit_state(nid, state, fkey)
+            return state, fkey, True
+        if fkey is None:
+            if keyed:
+                self._warn_uncached(nid)
+            state = self._call_fit(node, runner, x)
+            self._commit_state(nid, state, None)
+            return state, None, True
+        found = self._lookup(nid, fkey, "state")
+        if found is not None:
+            self._commit_state(nid, found.value, fkey)
+            return found.value, fkey, False
+        with self._claims_lock:
+            claim = self._fit_claims.get(fkey)
+            owner = claim is None
+            if owner:
+                claim = self._fit_claims[fkey] = threading.Event()
+        assert claim is not None
+        if not owner:
+            # An identical sibling is fitting the same state on another thread; it
+            # holds no lock this thread has, so waiting for it cannot deadlock.
+            claim.wait()
+            found = self._lookup(nid, fkey, "state")
+            if found is None and fkey in self._fit_shared:
+                self._emit(ev.node_cache_hit, nid, fkey, "memory", "state", 0)
+                found = _Shared(self._fit_shared[fkey])
+            if found is not None:
+                self._commit_state(nid, found.value, fkey)
+                return found.value, fkey, False
+        try:
+            state = self._call_fit(node, runner, x)
+            assert self.cache is not None
+            self.cache.put(fkey, state, kind="state", node_id=nid, filter_name=node.filter_name)
+            self._fit_shared[fkey] = state
+        finally:
+            if owner:
+                claim.set()
+        self._commit_state(nid, state, fkey)
+        return state, fkey, True
+
+    def _commit_state(self, nid: str, state: Any, key: str | None) -> None:
+        self.new_states[nid] = state
+        self.new_state_keys[nid] = key
+
+    def _call_fit(self, node: NodeRecord, runner: NodeRunner, x: Any) -> Any:
+        nid = node.node_id
+        if self.batch_size is not None and has_partial_fit(node.filter) and is_row_sliceable(x):
+
+            def on_batch(batch: int, n_batches: int, rows: int, total: int) -> None:
+                self._emit(ev.batch_progress, nid, batch, n_batches, rows, total)
+
+            return runner.partial_fit(nid, x, self.y, self.batch_size, on_batch)
+        return runner.fit(nid, x, self.y)
+
+    def _lookup(self, nid: str, key: str, what: str) -> Any:
+        assert self.cache is not None
+        found = self.cache.lookup(key)
+        if found is not None:
+            self._emit(ev.node_cache_hit, nid, key, found.tier, what, found.load_time_ms)
+        return found
+
+    def _warn_uncached(self, nid: str) -> None:
+        if self.warn_uncached is not None:
+            self.warn_uncached(nid, self.keys.reasons.get(nid, "its cache key cannot be computed"))
+
+    # -- remote blocks --------------------------------------------------------------
+
+    def _remote(self, step: Remote) -> None:
+        ids = _leaf_ids(step.plan)
+        inside = set(ids)
+        order = [nid for nid in self.shape.order if nid in inside]
+        external = {
+            p: self.outputs[p] for nid in order for p in self.shape.predecessors[nid] if p not in inside
+        }
+        needed = tuple(
+            nid
+            for nid in order
+            if self.phase == "run"
+            or not self.shape.successors[nid]
+            or any(s not in inside for s in self.shape.successors[nid])
+        )
+        keys: dict[str, tuple[str | None, str | None]] = {}
+        if self.cache is not None:
+            for nid in order:
+                if self.nodes[nid].cacheable:
+                    okey = self.keys.predict(nid, self.outputs)
+                    fkey = self.keys.fit_keys.get(nid) if self.phase == "fit" else None
+                    keys[nid] = (fkey, None if self.nodes[nid].differentiable else okey)
+        request = BlockRequest(
+            run_id=self.run_id,
+            phase=self.phase,
+            block=step,
+            nodes=tuple(order),
+            edges=tuple(e for e in self.shape.edges if e[1] in inside),
+            x=self.x,
+            has_roots=any(not self.shape.predecessors[nid] for nid in order),
+            external=external,
+            y=self.y,
+            batch_size=self.batch_size,
+            states={nid: self.states.get(nid) for nid in order if self.nodes[nid].trainable},
+            keys=keys,
+            outputs=needed,
+            seed=self.seed,
+            timeout=self.timeout,
+        )
+        result = self._remotes[step.target].run_block(request, self.hub.emit)
+        self.outputs.update(result.outputs)
+        if self.phase == "fit":
+            for nid, state in result.states.items():
+                self._commit_state(nid, state, result.state_keys.get(nid, keys.get(nid, (None, None))[0]))
+        for nid in order:
+            self._hits.setdefault(nid, False)
+
+    # -- streamed forward -----------------------------------------------------------
+
+    def _walk_stream(self, chunk_size: int) -> Any:
+        order = list(self.shape.order)
+        if not order:
+            return self.x
+        chunks = split_chunks(self.x, chunk_size)
+        total = n_rows(self.x) if is_row_sliceable(self.x) else 1
+        evolving = {nid: self.states.get(nid) for nid in order if self.nodes[nid].stream_mode == "evolving"}
+        barriers = [i for i, nid in enumerate(order) if self.nodes[nid].stream_mode == "barrier"]
+        buffers: dict[int, list[Any]] = {i: [] for i in barriers}
+        started: dict[str, float] = {}
+        last_output: dict[str, Any] = {}
+        results: list[Any] = []
+        failing: list[str] = []
+
+        def call(nid: str, value: Any) -> Any:
+            node = self.nodes[nid]
+            runner = self._runners[self._runner_kind(node)]
+            if nid not in started:
+                started[nid] = 0.0
+                self._emit(ev.node_started, nid, node.kind, runner.where)
+            begin = time.perf_counter()
+            try:
+                if nid in evolving:
+                    state = evolving[nid]
+                    out = runner.forward(nid, value, state)
+                    if callable(getattr(node.filter, "update", None)):
+                        evolving[nid] = runner.update(nid, value, state)
+                else:
+                    out = runner.forward(nid, value, self.states.get(nid) if node.trainable else None)
+            except BaseException:
+                failing.append(nid)
+                started[nid] += time.perf_counter() - begin
+                raise
+            started[nid] += time.perf_counter() - begin
+            last_output[nid] = out
+            return out
+
+        def push(start: int, value: Any) -> None:
+            for i in range(start, len(order)):
+                if i in buffers:
+                    buffers[i].append(value)
+                    return
+                value = call(order[i], value)
+            results.append(value)
+
+        def complete(nids: list[str]) -> None:
+            for nid in nids:
+                if nid in started:
+                    self._hits[nid] = False
+                    if self.hub.active:
+                        summary = output_summary(last_output.get(nid))
+                        self._emit(ev.node_completed, nid, started.pop(nid), False, summary)
+
+        first_barrier = barriers[0] if barriers else len(order)
+        try:
+            for number, chunk in enumerate(chunks, start=1):
+                push(0, chunk)
+                rows = n_rows(chunk) if is_row_sliceable(chunk) else 1
+                self._emit(ev.batch_progress, None, number, len(chunks), rows, total)
+            complete(order[:first_barrier])
+            for k, index in enumerate(barriers):
+                segment_end = barriers[k + 1] if k + 1 < len(barriers) else len(order)
+                out = call(order[index], concat_chunks(buffers.pop(index)))
+                push(index + 1, out)
+                complete(order[index:segment_end])
+        except BaseException as exc:
+            nid = failing[0] if failing else None
+            # Nodes upstream of the failure did their share of the stream: close them.
+            complete([n for n in order if n in started and n != nid])
+            if nid is not None:
+                self._node_failed(nid, exc, started.pop(nid, 0.0))
+            raise
+        return concat_chunks(results)
+
+
+def _leaf_ids(step: PlanStep) -> list[str]:
+    ids: list[str] = []
+    for s in iter_steps(step):
+        if isinstance(s, (Execute, Cached)):
+            ids.append(s.node_id)
+        elif isinstance(s, Composite):
+            ids.extend(s.node_ids)
+    return ids
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """A state shared from an identical sibling's fit in this run (not served by the cache)."""
+
+    value: Any
