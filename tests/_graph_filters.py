@@ -62,6 +62,8 @@ class AddOne(_Recording):
 class Scale(_Recording):
     """Trainable; learns ``factor * mean(y or x)`` and multiplies its input by it."""
 
+    factor: float
+
     def __init__(self, factor: float = 1.0) -> None:
         super().__init__(factor=factor)
 
@@ -109,6 +111,8 @@ class Collect(_Recording):
 class Boom(_Recording):
     """Raises ``ValueError("boom")`` from the chosen method."""
 
+    method: str
+
     def __init__(self, method: str = "fit") -> None:
         super().__init__(method=method)
 
@@ -130,11 +134,9 @@ class NoneMaker(_Recording):
 
     def fit(self, x: Any, y: Any = None) -> None:
         self._calls.append(("fit", x, y))
-        return None
 
     def forward(self, x: Any, state: Any) -> None:
         self._calls.append(("forward", x, state))
-        return None
 
 
 class RowCounter(_Recording):

@@ -15,7 +15,6 @@ from soma import (
     CacheError,
     CycleError,
     Filter,
-    Graph,
     NodeNotFoundError,
     NotFittedError,
     SomaConfigError,
@@ -24,6 +23,7 @@ from soma import (
     WorkerUnavailableError,
     search,
 )
+from soma.graph import Graph
 
 
 class A(Filter):
@@ -34,6 +34,8 @@ class A(Filter):
 
 
 class B(Filter):
+    w: float
+
     def __init__(self, w: float = 1.0) -> None:
         super().__init__(w=w)
 
@@ -120,7 +122,9 @@ def test_constructor_properties_and_cache_choices(tmp_path: Path) -> None:
         g.fitted = True  # type: ignore[misc]
 
 
-def test_cache_dir_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_dir_comes_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SOMA_CACHE_DIR", str(tmp_path / "env"))
     assert Graph().cache.directory == tmp_path / "env"  # type: ignore[union-attr]
     monkeypatch.setenv("SOMA_CACHE_DIR", "")
@@ -140,8 +144,8 @@ def test_graph_is_subclassable_and_accepts_attributes() -> None:
 
     g = MyGraph.somatize(A() >> Doubler())
     assert type(g) is MyGraph
-    g.note = "mine"
-    assert g.note == "mine"
+    g.note = "mine"  # type: ignore[attr-defined]
+    assert g.note == "mine"  # type: ignore[attr-defined]
 
 
 # -- building -----------------------------------------------------------------------------
@@ -153,13 +157,22 @@ def test_auto_ids_and_explicit_ids() -> None:
     assert g.node(CamelCaseHTTPFilter()) == "camel_case_h_t_t_p_filter"
     assert g.node("my_scaler", B()) == "my_scaler"
     assert g.node("my_scaler", B()) == "my_scaler_2"
-    assert g.nodes() == ["doubler", "doubler_2", "doubler_3", "camel_case_h_t_t_p_filter", "my_scaler", "my_scaler_2"]
+    assert g.nodes() == [
+        "doubler",
+        "doubler_2",
+        "doubler_3",
+        "camel_case_h_t_t_p_filter",
+        "my_scaler",
+        "my_scaler_2",
+    ]
 
 
 @pytest.mark.parametrize("args", [(), ("a", Doubler(), 3)])
 def test_node_argument_count(args: tuple[Any, ...]) -> None:
     g = Graph()
-    with pytest.raises(ValueError, match=f"node\\(\\) takes 1 or 2 positional arguments, got {len(args)}"):
+    with pytest.raises(
+        ValueError, match=f"node\\(\\) takes 1 or 2 positional arguments, got {len(args)}"
+    ):
         g.node(*args)
     assert len(g) == 0
 
@@ -176,7 +189,9 @@ def test_non_str_id_non_filter_and_bad_target_change_nothing() -> None:
     g = Graph()
     with pytest.raises(TypeError):
         g.node(3, Doubler())
-    with pytest.raises(TypeError, match="node\\(\\) expects a filter with a forward\\(x, state\\) method, got int"):
+    with pytest.raises(
+        TypeError, match="node\\(\\) expects a filter with a forward\\(x, state\\) method, got int"
+    ):
         g.node(5)
     with pytest.raises(SomaConfigError, match="invalid target"):
         g.node(Doubler(), target="tag:")
@@ -241,7 +256,11 @@ def test_duplicate_edge_is_a_no_op() -> None:
     assert g.edges() == [("a", "b")] and g.fitted
 
 
-@pytest.mark.parametrize("graph", [Graph.somatize(A() >> Doubler()), Graph.somatize(B()), Graph()], ids=["stateless", "trainable", "empty"])
+@pytest.mark.parametrize(
+    "graph",
+    [Graph.somatize(A() >> Doubler()), Graph.somatize(B()), Graph()],
+    ids=["stateless", "trainable", "empty"],
+)
 def test_forward_before_fit_raises(graph: Graph) -> None:
     with pytest.raises(RuntimeError, match="graph must be fitted before forward"):
         graph.forward(1)
@@ -267,7 +286,11 @@ def test_renderings_and_repr() -> None:
     g = Graph.somatize(A() >> (B(1.0) | B(2.0)) >> M())
     assert g.to_mermaid().startswith("graph LR\n    a[a]")
     graphviz = g.to_graphviz()
-    assert graphviz.startswith("digraph G {") and "rankdir=LR;" in graphviz and graphviz.endswith("}\n")
+    assert (
+        graphviz.startswith("digraph G {")
+        and "rankdir=LR;" in graphviz
+        and graphviz.endswith("}\n")
+    )
     assert g.to_text().startswith("Graph (4 nodes, 4 edges)")
     assert "└── m (M) ← b, b_2" in g.to_text()
     assert str(g) == g.to_text()
@@ -291,11 +314,17 @@ def test_compile_result_keys_and_exact_plan_text() -> None:
         "plan_mermaid",
         "plan",
     }
-    assert result["plan_text"] == "Sequence:\n  Execute(a)\n  Parallel:\n    Execute(b)\n    Execute(b_2)\n  Execute(m)\n"
+    assert (
+        result["plan_text"]
+        == "Sequence:\n  Execute(a)\n  Parallel:\n    Execute(b)\n    Execute(b_2)\n  Execute(m)\n"
+    )
     assert result["plan_mermaid"].startswith("graph TD")
     assert (result["total_nodes"], result["cached_nodes"], result["parallel_branches"]) == (4, 0, 2)
     assert result["diagnostics"] == []
-    with pytest.raises(SomaConfigError, match=r"Unknown mode: fast\. Use 'inference', 'differentiable', or 'no_cache'\."):
+    with pytest.raises(
+        SomaConfigError,
+        match=r"Unknown mode: fast\. Use 'inference', 'differentiable', or 'no_cache'\.",
+    ):
         g.compile("fast")
 
 
@@ -312,7 +341,11 @@ def test_compile_reports_unhashable_parameters() -> None:
     g = Graph()
     g.node(B(w=threading.Lock()))  # type: ignore[arg-type]
     assert g.compile()["diagnostics"] == [
-        {"node_id": "b", "level": "warning", "message": "parameters of `b` cannot be hashed; node will not be cached"}
+        {
+            "node_id": "b",
+            "level": "warning",
+            "message": "parameters of `b` cannot be hashed; node will not be cached",
+        }
     ]
 
 
@@ -321,7 +354,11 @@ def test_targets_without_workers_are_info_diagnostics() -> None:
     g.node(A(), target="gpu")
     g.node(Doubler(), target="local")
     assert g.compile()["diagnostics"] == [
-        {"node_id": "a", "level": "info", "message": "target 'tag:gpu' ignored: no workers configured"}
+        {
+            "node_id": "a",
+            "level": "info",
+            "message": "target 'tag:gpu' ignored: no workers configured",
+        }
     ]
     g.fit(1)
     assert g.forward(1) == {"a": 1, "doubler": 2}
@@ -368,7 +405,7 @@ def test_filter_sources() -> None:
 
 def test_filter_requirements_are_sorted_and_unique() -> None:
     class Needs(A):
-        _requirements = ["scipy>=1.0", "numpy", "scipy>=1.0"]
+        _requirements = ("scipy>=1.0", "numpy", "scipy>=1.0")
 
     g = Graph.somatize(Needs())
     assert g.filter_requirements("needs") == ["numpy", "scipy>=1.0"]
@@ -377,8 +414,15 @@ def test_filter_requirements_are_sorted_and_unique() -> None:
 def test_search_space_names_dimensions_per_node() -> None:
     g = Graph.somatize(A() >> Tuned() >> Tuned())
     space = g.search_space()
-    assert [d["name"] for d in space] == ["tuned.lr", "tuned.layers", "tuned_2.lr", "tuned_2.layers"]
-    assert space[0]["node_id"] == "tuned" and space[0]["param"] == "lr" and space[0]["scale"] == "log"
+    assert [d["name"] for d in space] == [
+        "tuned.lr",
+        "tuned.layers",
+        "tuned_2.lr",
+        "tuned_2.layers",
+    ]
+    assert (
+        space[0]["node_id"] == "tuned" and space[0]["param"] == "lr" and space[0]["scale"] == "log"
+    )
     space[0]["low"] = 99
     assert Tuned.search_space()[0]["low"] == 1e-3
 

@@ -82,7 +82,7 @@ def test_search_default_is_a_parameter_and_part_of_the_key() -> None:
 
         def fit(self, x: Any, y: Any = None) -> float:
             self._fits += 1
-            return self.lr
+            return float(self.lr)
 
     assert Tuned().get_params() == {"lr": 1e-2}
     shared = Cache()
@@ -114,7 +114,9 @@ def _write_module(directory: Path, name: str, body: str) -> Any:
     return importlib.import_module(name)
 
 
-def test_class_code_changes_invalidate_but_comments_do_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_class_code_changes_invalidate_but_comments_do_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
     calls: list[str] = []
@@ -134,7 +136,9 @@ def test_class_code_changes_invalidate_but_comments_do_not(tmp_path: Path, monke
         """
 
     def fit_with(comment: str, body: str) -> None:
-        module = _write_module(tmp_path, "coded_filters_mod", template.format(comment=comment, body=body))
+        module = _write_module(
+            tmp_path, "coded_filters_mod", template.format(comment=comment, body=body)
+        )
         f = module.Coded()
         f._log = calls  # internal attribute: not a parameter, not in the key
         g = Graph(cache=shared)
@@ -265,7 +269,14 @@ def test_new_process_hits_the_disk_cache_and_corrupt_entries_are_misses(tmp_path
         """
     )
     env = {**os.environ, "SOMA_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(TESTS_DIR)}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "1"
     f = Scale(3.0)
@@ -309,7 +320,11 @@ def test_with_params_hits_every_node_before_the_first_change() -> None:
     events: list[dict[str, Any]] = []
     twin.on_event(events.append, event_types=["NodeCompleted"])
     twin.fit(x)
-    assert [(e["node_id"], e["cache_hit"]) for e in events] == [("scale", True), ("scale_2", False), ("scale_3", False)]
+    assert [(e["node_id"], e["cache_hit"]) for e in events] == [
+        ("scale", True),
+        ("scale_2", False),
+        ("scale_3", False),
+    ]
     assert twin.get_state("scale_2")["m"] != g.get_state("scale_2")["m"]
 
 
@@ -329,7 +344,7 @@ def test_unhashable_input_runs_uncached_with_one_warning_per_node() -> None:
 
 def test_unhashable_parameters_warn_and_still_run() -> None:
     f = Scale(1.0)
-    f.extra = threading.Lock()
+    f.set_params(extra=threading.Lock())
     g = Graph.somatize(f)
     with pytest.warns(SomaWarning, match="parameters cannot be hashed"):
         g.fit(np.ones(2))

@@ -25,7 +25,14 @@ from typing import Any
 
 from soma.chain import walk
 from soma.context import is_running, running, seeded
-from soma.errors import CycleError, NodeNotFoundError, NotFittedError, SomaConfigError, SomaError, SomaWarning
+from soma.errors import (
+    CycleError,
+    NodeNotFoundError,
+    NotFittedError,
+    SomaConfigError,
+    SomaError,
+    SomaWarning,
+)
 from soma.filter import check_filter, default_node_id, params_of, read_meta
 from soma.runtime.cache import Cache
 from soma.runtime.events import EventCallback, EventHub, Subscription
@@ -285,7 +292,9 @@ class Graph:
         with self._run_lock, running(self._token), seeded(self._seed):
             yield
 
-    def fit(self, x: Any, y: Any = None, batch_size: int | None = None, *, timeout: float | None = None) -> None:
+    def fit(
+        self, x: Any, y: Any = None, batch_size: int | None = None, *, timeout: float | None = None
+    ) -> None:
         """Learn every trainable node's state; on failure nothing is committed.
 
         Raises ``FilterError`` for an exception in user code (``__cause__`` is the
@@ -294,12 +303,18 @@ class Graph:
         with self._running():
             _check_count("batch_size", batch_size, allow_none=True)
             timeout = _check_timeout(timeout)
-            outcome = self._new_run("fit", x=x, y=y, batch_size=batch_size, timeout=timeout).execute()
-            self._states = {nid: outcome.states[nid] for nid in self._nodes if nid in outcome.states}
+            outcome = self._new_run(
+                "fit", x=x, y=y, batch_size=batch_size, timeout=timeout
+            ).execute()
+            self._states = {
+                nid: outcome.states[nid] for nid in self._nodes if nid in outcome.states
+            }
             self._state_keys = {nid: outcome.state_keys.get(nid) for nid in self._states}
             self._fitted = True
 
-    def forward(self, x: Any, stream: bool = False, chunk_size: int = 1024, *, timeout: float | None = None) -> Any:
+    def forward(
+        self, x: Any, stream: bool = False, chunk_size: int = 1024, *, timeout: float | None = None
+    ) -> Any:
         """Apply the fitted states: one sink -> its output, several -> ``{sink: output}``, none -> ``x``.
 
         Raises ``NotFittedError`` before anything else when the graph was never fitted;
@@ -340,7 +355,13 @@ class Graph:
         cache = None if phase == "run" or stream else self._cache
         state_keys = self._state_keys if phase == "forward" else {}
         keys = KeyBook(
-            shape, self._nodes, x=x, y=y, seed=self._seed, batch_size=batch_size, state_keys=state_keys
+            shape,
+            self._nodes,
+            x=x,
+            y=y,
+            seed=self._seed,
+            batch_size=batch_size,
+            state_keys=state_keys,
         )
         if phase == "forward" and cache is not None and self._hub.active:
             # Only RunStarted's plan summary shows Cached steps; an unobserved run skips
@@ -391,7 +412,14 @@ class Graph:
         if self._shape_memo is None:
             self._shape_memo = GraphShape(
                 tuple(
-                    NodeSpec(r.node_id, r.filter_name, r.trainable, r.differentiable, r.cacheable, r.target)
+                    NodeSpec(
+                        r.node_id,
+                        r.filter_name,
+                        r.trainable,
+                        r.differentiable,
+                        r.cacheable,
+                        r.target,
+                    )
                     for r in self._nodes.values()
                 ),
                 tuple(self._edges),
@@ -405,10 +433,14 @@ class Graph:
 
     def _placement(self, shape: GraphShape) -> dict[str, str]:
         entries = [
-            WorkerEntry(address, tuple(info["tags"]), info.get("worker_id")) for address, info in self._workers.items()
+            WorkerEntry(address, tuple(info["tags"]), info.get("worker_id"))
+            for address, info in self._workers.items()
         ]
         if any(spec.target.startswith("worker:") for spec in shape.nodes):
-            entries = [WorkerEntry(e.address, e.tags, e.worker_id or self._worker_id(e.address)) for e in entries]
+            entries = [
+                WorkerEntry(e.address, e.tags, e.worker_id or self._worker_id(e.address))
+                for e in entries
+            ]
         return resolve_placement(shape, entries, coordinator=self._coordinator is not None)
 
     def _worker_id(self, address: str) -> str | None:
@@ -449,7 +481,9 @@ class Graph:
             keys = KeyBook(shape, self._nodes, x=x, seed=self._seed, state_keys=self._state_keys)
             cached = self._predict_cached(shape, keys, self._cache)
         plan = compile_plan(shape, cached=cached, placement=placement)
-        unhashable = [nid for nid in shape.order if self._cache is not None and self._params_unhashable(nid)]
+        unhashable = [
+            nid for nid in shape.order if self._cache is not None and self._params_unhashable(nid)
+        ]
         return {
             "total_nodes": len(shape.nodes),
             "cached_nodes": cached_count(plan),
@@ -553,7 +587,9 @@ class Graph:
         or a name that is neither a parameter nor a search dimension of that node.
         """
         if not isinstance(params, Mapping):
-            raise SomaConfigError(f"with_params() expects a dict of '<node_id>.<param>' keys, got {params!r}")
+            raise SomaConfigError(
+                f"with_params() expects a dict of '<node_id>.<param>' keys, got {params!r}"
+            )
         changes: dict[str, dict[str, Any]] = {}
         for key, value in params.items():
             node_id, dot, name = key.partition(".") if isinstance(key, str) else ("", "", "")
@@ -564,7 +600,9 @@ class Graph:
             filter_obj = self._nodes[node_id].filter
             dims = {d["name"] for d in getattr(type(filter_obj), "_soma_search_space", None) or []}
             if name.startswith("_") or (name not in params_of(filter_obj) and name not in dims):
-                raise SomaConfigError(f"'{name}' is neither a parameter nor a search dimension of node '{node_id}'")
+                raise SomaConfigError(
+                    f"'{name}' is neither a parameter nor a search dimension of node '{node_id}'"
+                )
             changes.setdefault(node_id, {})[name] = value
         twin = type(self).__new__(type(self))
         Graph.__init__(
@@ -594,7 +632,10 @@ class Graph:
     def cache_info(self) -> dict[str, Any]:
         """Entries, sizes and hit/miss counters of the memory and disk tiers (zeros without a cache)."""
         if self._cache is None:
-            return {"memory": {"entries": 0, "bytes": 0, "max_bytes": 0, "hits": 0, "misses": 0}, "disk": None}
+            return {
+                "memory": {"entries": 0, "bytes": 0, "max_bytes": 0, "hits": 0, "misses": 0},
+                "disk": None,
+            }
         return self._cache.info()
 
     def clear_cache(self, disk: bool = False) -> None:
@@ -602,13 +643,17 @@ class Graph:
         if self._cache is not None:
             self._cache.clear(disk=disk)
 
-    def on_event(self, callback: EventCallback, *, event_types: Iterable[str] | None = None) -> Subscription:
+    def on_event(
+        self, callback: EventCallback, *, event_types: Iterable[str] | None = None
+    ) -> Subscription:
         """Call ``callback(event)`` for every event emitted from now on (optionally only ``event_types``)."""
         return self._hub.subscribe(callback, event_types)
 
     # ------------------------------------------------------------------ workers and data store
 
-    def add_worker(self, address: str, token: str | None = None, tags: Iterable[str] | str | None = None) -> None:
+    def add_worker(
+        self, address: str, token: str | None = None, tags: Iterable[str] | str | None = None
+    ) -> None:
         """Register a worker (nothing is contacted); an address registered again gets the new token and tags.
 
         Accepts ``ws://``, ``wss://``, ``http://``/``https://`` (stored as ws/wss) and
@@ -624,7 +669,9 @@ class Graph:
         """Register a coordinator (an http(s) URL); it is contacted lazily."""
         parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
         if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-            raise SomaConfigError(f"invalid coordinator URL '{url}': use http://host:port or https://host:port")
+            raise SomaConfigError(
+                f"invalid coordinator URL '{url}': use http://host:port or https://host:port"
+            )
         if token is not None and not isinstance(token, str):
             raise SomaConfigError("token must be a str or None")
         self._coordinator = (url.rstrip("/"), token)
@@ -654,7 +701,9 @@ class Graph:
                 raise ValueError("the response is not a list of workers")
         except (OSError, ValueError) as exc:
             warnings.warn(
-                SomaWarning(f"coordinator {url} could not be asked for workers: {exc}; listing direct workers only"),
+                SomaWarning(
+                    f"coordinator {url} could not be asked for workers: {exc}; listing direct workers only"
+                ),
                 stacklevel=2,
             )
             return listed
@@ -701,7 +750,11 @@ def _worker_address(address: object) -> str:
         if scheme not in _WORKER_SCHEMES:
             raise SomaConfigError(f"invalid worker address '{address}'")
         host_port = rest.rstrip("/")
-        if not host_port or "/" in host_port or not re.match(r"^(\[[0-9A-Fa-f:.]+\]|[\w.\-]+)(:\d{1,5})?$", host_port):
+        if (
+            not host_port
+            or "/" in host_port
+            or not re.match(r"^(\[[0-9A-Fa-f:.]+\]|[\w.\-]+)(:\d{1,5})?$", host_port)
+        ):
             raise SomaConfigError(f"invalid worker address '{address}'")
         return f"{_WORKER_SCHEMES[scheme]}://{host_port}"
     match = _HOST_PORT.match(address)
@@ -718,7 +771,9 @@ def _tags(tags: object) -> list[str]:
     elif isinstance(tags, (list, tuple)):
         parts = tags
     else:
-        raise SomaConfigError(f"tags must be a list of strings or a comma-separated string, got {tags!r}")
+        raise SomaConfigError(
+            f"tags must be a list of strings or a comma-separated string, got {tags!r}"
+        )
     if not all(isinstance(t, str) for t in parts):
         raise SomaConfigError(f"tags must be strings, got {tags!r}")
     return [t.strip() for t in parts if isinstance(t, str) and t.strip()]

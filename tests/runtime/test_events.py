@@ -76,12 +76,20 @@ def test_fit_emits_run_and_node_events_before_returning() -> None:
     assert len({e["run_id"] for e in events}) == 1
     json.dumps(events)  # plain JSON-serialisable values
     started, completed = events[1], events[2]
-    assert started["node_id"] == "add_one" and started["kind"] == "Stateless" and started["target"] == "local"
+    assert (
+        started["node_id"] == "add_one"
+        and started["kind"] == "Stateless"
+        and started["target"] == "local"
+    )
     assert events[3]["kind"] == "Trainable"
     assert completed["cache_hit"] is False
     assert completed["output_summary"] == "ndarray(shape=(4,), dtype=float64)"
     assert isinstance(completed["duration"], int) and isinstance(completed["duration_s"], float)
-    assert events[0]["plan_summary"] == {"total_nodes": 2, "cached_nodes": 0, "parallel_branches": 0}
+    assert events[0]["plan_summary"] == {
+        "total_nodes": 2,
+        "cached_nodes": 0,
+        "parallel_branches": 0,
+    }
     assert events[0]["n_nodes"] == 2 and events[0]["seed"] is None
     assert events[-1]["nodes_executed"] == 2 and events[-1]["cache_hits"] == 0
 
@@ -99,8 +107,13 @@ def test_forward_and_run_events_carry_their_phase_and_cache_hits() -> None:
     assert forward[0]["run_id"].startswith("graph_forward_")
     assert forward[0]["plan_summary"]["cached_nodes"] == 2
     hits = [e for e in forward if e["event_type"] == "NodeCacheHit"]
-    assert [(h["node_id"], h["what"], h["tier"]) for h in hits] == [("add_one", "output", "memory"), ("mean_center", "output", "memory")]
-    assert all(re.fullmatch(r"[0-9a-f]{64}", h["key"]) and isinstance(h["load_time"], int) for h in hits)
+    assert [(h["node_id"], h["what"], h["tier"]) for h in hits] == [
+        ("add_one", "output", "memory"),
+        ("mean_center", "output", "memory"),
+    ]
+    assert all(
+        re.fullmatch(r"[0-9a-f]{64}", h["key"]) and isinstance(h["load_time"], int) for h in hits
+    )
     assert forward[-1]["cache_hits"] == 2 and forward[-1]["nodes_executed"] == 0
     assert run[0]["run_id"].startswith("graph_run_") and "NodeCacheHit" not in types(run)
     assert run[0]["seed"] == 3
@@ -112,7 +125,14 @@ def test_failing_node_emits_node_failed_then_run_failed() -> None:
     g.on_event(events.append)
     with pytest.raises(SomaError) as info:
         g.fit(1)
-    assert types(events) == ["RunStarted", "NodeStarted", "NodeCompleted", "NodeStarted", "NodeFailed", "RunFailed"]
+    assert types(events) == [
+        "RunStarted",
+        "NodeStarted",
+        "NodeCompleted",
+        "NodeStarted",
+        "NodeFailed",
+        "RunFailed",
+    ]
     failed, run_failed = events[-2], events[-1]
     assert failed["node_id"] == "boom" and failed["error_type"] == "ValueError"
     assert failed["error"] == str(info.value)
@@ -129,7 +149,9 @@ def test_two_subscribers_see_the_same_events_in_the_same_order() -> None:
     assert first == second and len(first) == 8
 
 
-def test_raising_callback_warns_once_per_subscription_and_the_run_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+def test_raising_callback_warns_once_per_subscription_and_the_run_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     g = Graph.somatize(AddOne() >> AddOne() >> AddOne())
     received: Events = []
 
@@ -139,7 +161,10 @@ def test_raising_callback_warns_once_per_subscription_and_the_run_goes_on(caplog
     g.on_event(broken)
     g.on_event(broken)
     g.on_event(received.append)
-    with caplog.at_level(logging.ERROR, logger="soma.events"), pytest.warns(SomaWarning, match="callback bug") as record:
+    with (
+        caplog.at_level(logging.ERROR, logger="soma.events"),
+        pytest.warns(SomaWarning, match="callback bug") as record,
+    ):
         g.fit(0)
     assert len([w for w in record if issubclass(w.category, SomaWarning)]) == 2
     assert len(received) == 8 and received[-1]["event_type"] == "RunCompleted"
@@ -181,7 +206,11 @@ def test_parallel_runs_pair_every_node_started() -> None:
     assert names.count("NodeStarted") == names.count("NodeCompleted") + names.count("NodeFailed")
     assert names[0] == "RunStarted" and names[-1] == "RunFailed"
     for nid in {e["node_id"] for e in events if e["event_type"] == "NodeStarted"}:
-        own = [e["event_type"] for e in events if e.get("node_id") == nid and e["event_type"].startswith("Node")]
+        own = [
+            e["event_type"]
+            for e in events
+            if e.get("node_id") == nid and e["event_type"].startswith("Node")
+        ]
         assert own[0] == "NodeStarted" and own[-1] in ("NodeCompleted", "NodeFailed")
 
 
@@ -194,7 +223,9 @@ def test_parallel_success_delivers_everything_once() -> None:
     g.fit(np.ones(3))
     names = types(events)
     assert names.count("NodeStarted") == names.count("NodeCompleted") == 8
-    assert sorted(e["node_id"] for e in events if e["event_type"] == "NodeCompleted") == sorted(g.nodes())
+    assert sorted(e["node_id"] for e in events if e["event_type"] == "NodeCompleted") == sorted(
+        g.nodes()
+    )
 
 
 def test_fit_inside_an_event_callback_is_refused() -> None:
@@ -240,7 +271,9 @@ def test_batch_progress_events_per_batch() -> None:
     events: Events = []
     g.on_event(events.append, event_types=["BatchProgress"])
     g.fit(list(range(10)), batch_size=4)
-    assert [(e["node_id"], e["batch"], e["n_batches"], e["rows"], e["total_rows"]) for e in events] == [
+    assert [
+        (e["node_id"], e["batch"], e["n_batches"], e["rows"], e["total_rows"]) for e in events
+    ] == [
         ("row_counter", 1, 3, 4, 10),
         ("row_counter", 2, 3, 4, 10),
         ("row_counter", 3, 3, 2, 10),

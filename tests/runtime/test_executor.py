@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import pytest
@@ -21,8 +21,9 @@ from _graph_filters import (
     calls_of,
 )
 
-from soma import CompileError, Filter, FilterError, Graph, SomaConfigError, SomaError
+from soma import CompileError, Filter, FilterError, SomaConfigError, SomaError
 from soma.errors import ChildError, RowMismatchError
+from soma.graph import Graph
 from soma.runtime.executor import (
     BlockRequest,
     BlockResult,
@@ -30,11 +31,13 @@ from soma.runtime.executor import (
     RunnerSpec,
     has_parameter_owner,
 )
-from soma.runtime.plan import Loop, Remote
+from soma.runtime.plan import Loop
 
 
 class OrderLog(Filter):
     """Appends ``<method>:<name>`` to a shared log."""
+
+    name: str
 
     def __init__(self, name: str, log: list[str], kind: str = "trainable") -> None:
         super().__init__(name=name)
@@ -77,7 +80,7 @@ def test_trainable_fit_gets_input_and_y_and_forward_gets_that_exact_state() -> N
     g = Graph.somatize(f)
     x, y = np.arange(3.0), np.array([2.0, 2.0, 2.0])
     g.fit(x, y)
-    (_, fit_x, fit_y), (_, fwd_x, fwd_state) = f._calls
+    (_, fit_x, fit_y), (_, _, fwd_state) = f._calls
     assert fit_x is x and fit_y is y
     assert fwd_state is g.get_state("scale")
     g.forward(x + 1)
@@ -248,7 +251,9 @@ def _diamond() -> Graph:
 
 
 def _four_way() -> Graph:
-    return Graph.somatize(Identity() >> (AddOne() | Scale(3.0) | MeanCenter() | Identity()) >> Collect())
+    return Graph.somatize(
+        Identity() >> (AddOne() | Scale(3.0) | MeanCenter() | Identity()) >> Collect()
+    )
 
 
 def _two_roots() -> Graph:
@@ -307,7 +312,9 @@ def test_parallel_shapes_complete_with_equal_results(name: str) -> None:
 
 @pytest.mark.parametrize("max_parallel", [1, 4])
 def test_parallel_graphs_built_with_max_parallel_complete(max_parallel: int) -> None:
-    g = Graph.somatize(AddOne() >> (AddOne() | AddOne() | AddOne()) >> Sum(), max_parallel=max_parallel)
+    g = Graph.somatize(
+        AddOne() >> (AddOne() | AddOne() | AddOne()) >> Sum(), max_parallel=max_parallel
+    )
     g.fit(1)
     assert g.forward(1) == 9
     assert g.run(1)["sum"] == 9
@@ -343,6 +350,7 @@ def test_parallel_failure_starts_no_new_member() -> None:
 
     class Failing(Filter):
         _kind = "stateless"
+        i: int
 
         def __init__(self, i: int) -> None:
             super().__init__(i=i)
@@ -386,7 +394,12 @@ def test_batched_fit_threads_state_through_partial_fit() -> None:
     g.fit(np.arange(10.0), y=np.arange(10.0), batch_size=3)
     partial = calls_of(counter, "partial_fit")
     assert len(partial) == 4
-    assert [c[3] for c in partial] == [None, {"rows": 3, "batches": 1}, {"rows": 6, "batches": 2}, {"rows": 9, "batches": 3}]
+    assert [c[3] for c in partial] == [
+        None,
+        {"rows": 3, "batches": 1},
+        {"rows": 6, "batches": 2},
+        {"rows": 9, "batches": 3},
+    ]
     np.testing.assert_array_equal(partial[1][2], [3.0, 4.0, 5.0])  # y sliced alike
     assert g.get_state("row_counter") == {"rows": 10, "batches": 4}
     assert len(calls_of(plain, "fit")) == 1 and not calls_of(counter, "fit")
@@ -415,13 +428,17 @@ def test_streamed_forward_equals_forward_for_row_wise_filters() -> None:
     streamed = g.forward(x, stream=True, chunk_size=3)
     np.testing.assert_array_equal(streamed, g.forward(x))
     progress = [e for e in events if e["event_type"] == "BatchProgress"]
-    assert [(p["node_id"], p["batch"], p["n_batches"], p["rows"], p["total_rows"]) for p in progress] == [
+    assert [
+        (p["node_id"], p["batch"], p["n_batches"], p["rows"], p["total_rows"]) for p in progress
+    ] == [
         (None, 1, 4, 3, 10),
         (None, 2, 4, 3, 10),
         (None, 3, 4, 3, 10),
         (None, 4, 4, 1, 10),
     ]
-    stream_nodes = [e for e in events[: events.index(progress[-1]) + 10] if e["event_type"] == "NodeCompleted"]
+    stream_nodes = [
+        e for e in events[: events.index(progress[-1]) + 10] if e["event_type"] == "NodeCompleted"
+    ]
     assert [e["node_id"] for e in stream_nodes][:3] == ["mean_center", "add_one", "scale"]
     assert "NodeCacheHit" not in [e["event_type"] for e in events[: len(events) // 2]]
 
@@ -483,7 +500,9 @@ def test_chunk_size_is_validated_after_the_fitted_check() -> None:
 
 
 def test_in_process_runner_wraps_user_errors_with_node_and_phase() -> None:
-    spec = RunnerSpec(phase="run", node_ids=("b",), filters={"b": Boom("forward")}, seed=None, timeout=None)
+    spec = RunnerSpec(
+        phase="run", node_ids=("b",), filters={"b": Boom("forward")}, seed=None, timeout=None
+    )
     with InProcessRunner(spec) as runner:
         assert runner.where == "local"
         with pytest.raises(FilterError) as info:
@@ -511,7 +530,10 @@ def test_registered_runner_kind_executes_subprocess_nodes() -> None:
     events: list[dict[str, Any]] = []
     g.on_event(events.append, event_types=["NodeStarted"])
     g.fit(1)
-    assert [(e["node_id"], e["target"]) for e in events] == [("add_one", "subprocess"), ("add_one_2", "local")]
+    assert [(e["node_id"], e["target"]) for e in events] == [
+        ("add_one", "subprocess"),
+        ("add_one_2", "local"),
+    ]
     assert opened[0].node_ids == ("add_one",) and opened[0].phase == "fit"
     isolated = WithTagged(isolation="subprocess")
     isolated.node(AddOne())
@@ -559,7 +581,13 @@ def test_loop_and_branch_steps_are_refused() -> None:
     from soma.runtime.executor import Run
 
     g = Graph.somatize(AddOne())
-    run = Run(phase="run", shape=g._shape(), nodes=g._nodes, plan=Loop("add_one", g._base_plan(g._shape())), hub=EventHub())
+    run = Run(
+        phase="run",
+        shape=g._shape(),
+        nodes=g._nodes,
+        plan=Loop("add_one", g._base_plan(g._shape())),
+        hub=EventHub(),
+    )
     with pytest.raises(CompileError, match="Loop"):
         run.execute()
 
@@ -567,18 +595,20 @@ def test_loop_and_branch_steps_are_refused() -> None:
 class LocalBlocks:
     """A stand-in remote runner that executes each block's nodes in this process."""
 
-    requests: list[BlockRequest] = []
+    requests: ClassVar[list[BlockRequest]] = []
 
     def __init__(self, target: str, spec: RunnerSpec) -> None:
         self.filters = spec.filters
 
-    def __enter__(self) -> LocalBlocks:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def run_block(self, request: BlockRequest, emit: Callable[[dict[str, Any]], None]) -> BlockResult:
+    def run_block(
+        self, request: BlockRequest, emit: Callable[[dict[str, Any]], None]
+    ) -> BlockResult:
         LocalBlocks.requests.append(request)
         preds: dict[str, list[str]] = {n: [] for n in request.nodes}
         for src, dst in request.edges:
@@ -587,14 +617,22 @@ class LocalBlocks:
         states: dict[str, Any] = {}
         for nid in request.nodes:
             ps = preds[nid]
-            x = request.x if not ps else values[ps[0]] if len(ps) == 1 else {p: values[p] for p in ps}
+            x = (
+                request.x
+                if not ps
+                else values[ps[0]]
+                if len(ps) == 1
+                else {p: values[p] for p in ps}
+            )
             f = self.filters[nid]
             state = None
             if getattr(f, "_kind", "trainable") != "stateless":
                 state = f.fit(x, request.y) if request.phase == "fit" else request.states[nid]
                 states[nid] = state
             values[nid] = f.forward(x, state)
-        return BlockResult({n: values[n] for n in request.outputs}, states if request.phase == "fit" else {})
+        return BlockResult(
+            {n: values[n] for n in request.outputs}, states if request.phase == "fit" else {}
+        )
 
 
 def test_remote_blocks_go_through_the_remote_runner_seam() -> None:

@@ -74,7 +74,13 @@ def test_plan_dict_is_json_serialisable_with_the_spec_keys() -> None:
         "type": "Sequence",
         "steps": [
             {"type": "Execute", "node_id": "a"},
-            {"type": "Parallel", "branches": [{"type": "Execute", "node_id": "b"}, {"type": "Execute", "node_id": "b_2"}]},
+            {
+                "type": "Parallel",
+                "branches": [
+                    {"type": "Execute", "node_id": "b"},
+                    {"type": "Execute", "node_id": "b_2"},
+                ],
+            },
             {"type": "Execute", "node_id": "m"},
         ],
     }
@@ -88,7 +94,9 @@ def test_empty_graph_compiles_to_empty_and_single_node_unwraps() -> None:
 
 def test_canonical_order_sorts_by_depth_then_insertion() -> None:
     # a >> (b >> c | d) >> m
-    g = shape(["a", "b", "c", "d", "m"], [("a", "b"), ("b", "c"), ("a", "d"), ("c", "m"), ("d", "m")])
+    g = shape(
+        ["a", "b", "c", "d", "m"], [("a", "b"), ("b", "c"), ("a", "d"), ("c", "m"), ("d", "m")]
+    )
     assert g.order == ("a", "b", "d", "c", "m")
     assert g.depths == {"a": 0, "b": 1, "d": 1, "c": 2, "m": 3}
 
@@ -110,12 +118,21 @@ def test_cached_steps_render_with_sixteen_hex_and_count() -> None:
 
 
 def test_consecutive_differentiable_nodes_form_a_composite() -> None:
-    g = shape(["p", "a", "b", "c"], [("p", "a"), ("a", "b"), ("b", "c")], differentiable={"a", "b", "c"})
+    g = shape(
+        ["p", "a", "b", "c"], [("p", "a"), ("a", "b"), ("b", "c")], differentiable={"a", "b", "c"}
+    )
     plan = compile_plan(g)
     assert plan == Sequence((Execute("p"), Composite(("a", "b", "c"))))
     assert plan_text(plan) == "Sequence:\n  Execute(p)\n  Composite[a \u2192 b \u2192 c]\n"
     mermaid = plan_mermaid(plan, g).splitlines()
-    assert mermaid[:6] == ["graph TD", "    p[p]", "    subgraph composite_0", "    a[a]", "    b[b]", "    c[c]"]
+    assert mermaid[:6] == [
+        "graph TD",
+        "    p[p]",
+        "    subgraph composite_0",
+        "    a[a]",
+        "    b[b]",
+        "    c[c]",
+    ]
     assert mermaid[6] == "    end"
 
 
@@ -158,7 +175,9 @@ def test_parallel_with_mixed_targets_keeps_individual_remote_members() -> None:
     g = shape(["a", "b"], targets={"a": "tag:gpu"})
     workers = [WorkerEntry("ws://cpu:1", ("cpu",)), WorkerEntry("ws://gpu:1", ("gpu",))]
     plan = compile_plan(g, placement=resolve_placement(g, workers))
-    assert plan == Parallel((Remote("a", "ws://gpu:1", Execute("a")), Remote("b", "ws://cpu:1", Execute("b"))))
+    assert plan == Parallel(
+        (Remote("a", "ws://gpu:1", Execute("a")), Remote("b", "ws://cpu:1", Execute("b")))
+    )
 
 
 def test_remote_block_bodies_get_composites() -> None:
@@ -220,9 +239,21 @@ def test_gradient_diagnostic_only_between_differentiable_nodes() -> None:
 def test_cache_and_placement_diagnostics_in_canonical_order() -> None:
     g = shape(["b", "a"], [("a", "b")], targets={"b": "tag:gpu"})
     assert diagnostics(g, unhashable_params=["b", "a"]) == [
-        {"node_id": "a", "level": "warning", "message": "parameters of `a` cannot be hashed; node will not be cached"},
-        {"node_id": "b", "level": "warning", "message": "parameters of `b` cannot be hashed; node will not be cached"},
-        {"node_id": "b", "level": "info", "message": "target 'tag:gpu' ignored: no workers configured"},
+        {
+            "node_id": "a",
+            "level": "warning",
+            "message": "parameters of `a` cannot be hashed; node will not be cached",
+        },
+        {
+            "node_id": "b",
+            "level": "warning",
+            "message": "parameters of `b` cannot be hashed; node will not be cached",
+        },
+        {
+            "node_id": "b",
+            "level": "info",
+            "message": "target 'tag:gpu' ignored: no workers configured",
+        },
     ]
     assert diagnostics(g, workers_configured=True) == []
 
@@ -231,7 +262,9 @@ def test_modes() -> None:
     assert check_mode("no_cache") == "no_cache"
     with pytest.raises(SomaConfigError) as info:
         check_mode("fast")
-    assert str(info.value) == "Unknown mode: fast. Use 'inference', 'differentiable', or 'no_cache'."
+    assert (
+        str(info.value) == "Unknown mode: fast. Use 'inference', 'differentiable', or 'no_cache'."
+    )
 
 
 def test_reserved_variants_serialise_and_render() -> None:
@@ -250,12 +283,22 @@ def test_reserved_variants_serialise_and_render() -> None:
         "  Loop(m, max=None):\n"
         "    Execute(z)\n"
     )
-    assert loop.to_dict() == {"type": "Loop", "node_id": "l", "body": {"type": "Execute", "node_id": "x"}, "max_iterations": 3}
-    assert branch.to_dict()["arms"] == [["yes", {"type": "Execute", "node_id": "y"}], ["no", {"type": "Empty"}]]
+    assert loop.to_dict() == {
+        "type": "Loop",
+        "node_id": "l",
+        "body": {"type": "Execute", "node_id": "x"},
+        "max_iterations": 3,
+    }
+    assert branch.to_dict()["arms"] == [
+        ["yes", {"type": "Execute", "node_id": "y"}],
+        ["no", {"type": "Empty"}],
+    ]
 
 
 def test_graph_renderings_are_exact() -> None:
-    g = shape(["a", "b", "b_2", "m"], FORK.edges, names={"a": "A", "b": "B", "b_2": "B", "m": "M"})
+    g = shape(
+        ["a", "b", "b_2", "m"], list(FORK.edges), names={"a": "A", "b": "B", "b_2": "B", "m": "M"}
+    )
     assert graph_mermaid(g) == (
         "graph LR\n    a[a]\n    b[b]\n    b_2[b_2]\n    m[m]\n"
         "    a --> b\n    a --> b_2\n    b --> m\n    b_2 --> m"

@@ -18,7 +18,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from soma.errors import SomaConfigError, SomaWarning
 from soma.log import events_logger
@@ -44,9 +44,11 @@ EventCallback = Callable[[Event], object]
 class Subscription:
     """A registered callback; ``cancel()`` stops delivery (idempotent). Also a context manager."""
 
-    __slots__ = ("_callback", "_event_types", "_hub", "_warned", "__weakref__")
+    __slots__ = ("__weakref__", "_callback", "_event_types", "_hub", "_warned")
 
-    def __init__(self, hub: EventHub, callback: EventCallback, event_types: frozenset[str] | None) -> None:
+    def __init__(
+        self, hub: EventHub, callback: EventCallback, event_types: frozenset[str] | None
+    ) -> None:
         self._hub: EventHub | None = hub
         self._callback = callback
         self._event_types = event_types
@@ -63,7 +65,7 @@ class Subscription:
         if hub is not None:
             hub._remove(self)
 
-    def __enter__(self) -> Subscription:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -83,8 +85,10 @@ class Subscription:
             return
         try:
             self._callback(event)
-        except Exception as exc:
-            events_logger.exception("event callback %r raised on %s", self._callback, event["event_type"])
+        except Exception as exc:  # noqa: BLE001 - a failing callback must never stop the run
+            events_logger.exception(
+                "event callback %r raised on %s", self._callback, event["event_type"]
+            )
             if not self._warned:
                 self._warned = True
                 warnings.warn(
@@ -113,7 +117,9 @@ class EventHub:
         """Whether anyone is subscribed (emitters skip building events otherwise)."""
         return bool(self._subs)
 
-    def subscribe(self, callback: EventCallback, event_types: Iterable[str] | None = None) -> Subscription:
+    def subscribe(
+        self, callback: EventCallback, event_types: Iterable[str] | None = None
+    ) -> Subscription:
         """Register ``callback`` for events emitted from now on, optionally only of ``event_types``."""
         if not callable(callback):
             raise TypeError(f"on_event() expects a callable, got {type(callback).__name__}")
@@ -147,8 +153,12 @@ def _event(event_type: str, run_id: str, phase: str, **fields: Any) -> Event:
     return {"event_type": event_type, "ts": time.time(), "run_id": run_id, "phase": phase, **fields}
 
 
-def run_started(run_id: str, phase: str, plan_summary: dict[str, int], seed: int | None, n_nodes: int) -> Event:
-    return _event("RunStarted", run_id, phase, plan_summary=plan_summary, seed=seed, n_nodes=n_nodes)
+def run_started(
+    run_id: str, phase: str, plan_summary: dict[str, int], seed: int | None, n_nodes: int
+) -> Event:
+    return _event(
+        "RunStarted", run_id, phase, plan_summary=plan_summary, seed=seed, n_nodes=n_nodes
+    )
 
 
 def node_started(run_id: str, phase: str, node_id: str, kind: str, target: str) -> Event:
@@ -158,11 +168,26 @@ def node_started(run_id: str, phase: str, node_id: str, kind: str, target: str) 
 def node_cache_hit(
     run_id: str, phase: str, node_id: str, key: str, tier: str, what: str, load_time_ms: int
 ) -> Event:
-    return _event("NodeCacheHit", run_id, phase, node_id=node_id, key=key, tier=tier, what=what, load_time=load_time_ms)
+    return _event(
+        "NodeCacheHit",
+        run_id,
+        phase,
+        node_id=node_id,
+        key=key,
+        tier=tier,
+        what=what,
+        load_time=load_time_ms,
+    )
 
 
 def batch_progress(
-    run_id: str, phase: str, node_id: str | None, batch: int, n_batches: int, rows: int, total_rows: int
+    run_id: str,
+    phase: str,
+    node_id: str | None,
+    batch: int,
+    n_batches: int,
+    rows: int,
+    total_rows: int,
 ) -> Event:
     return _event(
         "BatchProgress",
@@ -191,7 +216,9 @@ def node_completed(
     )
 
 
-def node_failed(run_id: str, phase: str, node_id: str, error: str, error_type: str, duration_s: float) -> Event:
+def node_failed(
+    run_id: str, phase: str, node_id: str, error: str, error_type: str, duration_s: float
+) -> Event:
     return _event(
         "NodeFailed",
         run_id,
@@ -204,7 +231,9 @@ def node_failed(run_id: str, phase: str, node_id: str, error: str, error_type: s
     )
 
 
-def run_completed(run_id: str, phase: str, duration_s: float, nodes_executed: int, cache_hits: int) -> Event:
+def run_completed(
+    run_id: str, phase: str, duration_s: float, nodes_executed: int, cache_hits: int
+) -> Event:
     return _event(
         "RunCompleted",
         run_id,

@@ -45,7 +45,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from soma.errors import ChildError, CompileError, FilterError, RowMismatchError
 from soma.filter import params_of
@@ -203,15 +203,20 @@ class NodeRunner(Protocol):
 
     where: str
 
-    def __enter__(self) -> NodeRunner: ...
+    def __enter__(self) -> Self: ...
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None: ...
 
     def fit(self, node_id: str, x: Any, y: Any) -> Any: ...
 
-    def partial_fit(self, node_id: str, x: Any, y: Any, batch_size: int, on_batch: BatchCallback) -> Any: ...
+    def partial_fit(
+        self, node_id: str, x: Any, y: Any, batch_size: int, on_batch: BatchCallback
+    ) -> Any: ...
 
     def forward(self, node_id: str, x: Any, state: Any) -> Any: ...
 
@@ -230,11 +235,14 @@ class InProcessRunner:
         self._filters = spec.filters
         self._phase = spec.phase
 
-    def __enter__(self) -> InProcessRunner:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         return None
 
@@ -247,7 +255,9 @@ class InProcessRunner:
         except Exception as exc:
             raise self._error("fit", node_id, exc) from exc
 
-    def partial_fit(self, node_id: str, x: Any, y: Any, batch_size: int, on_batch: BatchCallback) -> Any:
+    def partial_fit(
+        self, node_id: str, x: Any, y: Any, batch_size: int, on_batch: BatchCallback
+    ) -> Any:
         try:
             return partial_fit_loop(self._filters[node_id], x, y, batch_size, on_batch)
         except RowMismatchError:
@@ -306,13 +316,18 @@ class BlockResult:
 class RemoteRunner(Protocol):
     """Executes ``Remote`` blocks for one target; emits (or re-emits) their node events via ``emit``."""
 
-    def __enter__(self) -> RemoteRunner: ...
+    def __enter__(self) -> Self: ...
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None: ...
 
-    def run_block(self, request: BlockRequest, emit: Callable[[dict[str, Any]], None]) -> BlockResult: ...
+    def run_block(
+        self, request: BlockRequest, emit: Callable[[dict[str, Any]], None]
+    ) -> BlockResult: ...
 
 
 RemoteRunnerFactory = Callable[[str, RunnerSpec], RemoteRunner]
@@ -349,8 +364,7 @@ class KeyBook:
         self._seed = seed
         self._batch_size = batch_size
         self.state_keys: dict[str, str | None] = dict(state_keys or {})
-        self._x_content: Any = _UNKNOWN
-        self._y_content: Any = _UNKNOWN
+        self._data: dict[str, bytes | None] = {}
         self._params: dict[str, bytes | None] = {}
         self._output_content: dict[str, bytes | str | None] = {}
         self.in_keys: dict[str, bytes | str | None] = {}
@@ -364,19 +378,16 @@ class KeyBook:
         except Unhashable:
             return None
 
-    def _x_key(self, nid: str) -> bytes | None:
-        if self._x_content is _UNKNOWN:
-            self._x_content = self._content(self._x)
-        if self._x_content is None:
-            self.reasons.setdefault(nid, "its input x cannot be hashed")
-        return self._x_content
-
-    def _y_key(self, nid: str) -> bytes | None:
-        if self._y_content is _UNKNOWN:
-            self._y_content = self._content(self._y)
-        if self._y_content is None:
-            self.reasons.setdefault(nid, "y cannot be hashed")
-        return self._y_content
+    def _run_data(self, name: str, nid: str) -> bytes | None:
+        """``content`` of the run's x or y, hashed at most once per run."""
+        if name not in self._data:
+            self._data[name] = self._content(self._x if name == "x" else self._y)
+        digest = self._data[name]
+        if digest is None:
+            self.reasons.setdefault(
+                nid, "its input x cannot be hashed" if name == "x" else "y cannot be hashed"
+            )
+        return digest
 
     def params(self, nid: str) -> bytes | None:
         """``content`` of the node's current parameters (read at each run), ``None`` if unhashable."""
@@ -407,7 +418,7 @@ class KeyBook:
         preds = self._shape.predecessors[nid]
         key: Any
         if not preds:
-            key = self._x_key(nid)
+            key = self._run_data("x", nid)
         else:
             refs = [(p, self.ref(p, outputs)) for p in preds]
             if any(r is _UNKNOWN for _, r in refs):
@@ -430,7 +441,7 @@ class KeyBook:
         node = self._nodes[nid]
         key: str | None = None
         params = self.params(nid)
-        y = self._y_key(nid)
+        y = self._run_data("y", nid)
         if in_key is not None and params is not None and y is not None:
             batch = self._batch_size if has_partial_fit(node.filter) else None
             key = fit_key(node.identity(), params, in_key, y, self._seed, batch)
@@ -563,13 +574,17 @@ class Run:
         """Streamed forward of a linear graph (§5.6): chunks flow through the nodes, nothing cached."""
         self._check_plan(self.plan)
         if any(isinstance(s, Remote) for s in iter_steps(self.plan)):
-            raise CompileError("streamed forward of nodes placed on workers needs the remote stream runner")
+            raise CompileError(
+                "streamed forward of nodes placed on workers needs the remote stream runner"
+            )
         return self._lifecycle(lambda: self._walk_stream(chunk_size))
 
     def _check_plan(self, plan: PlanStep) -> None:
         for step in iter_steps(plan):
             if isinstance(step, (Loop, Branch)):
-                raise CompileError(f"{type(step).__name__} steps cannot be executed by this version")
+                raise CompileError(
+                    f"{type(step).__name__} steps cannot be executed by this version"
+                )
             if isinstance(step, Remote) and self.remote_runner is None:
                 raise CompileError(
                     f"Remote({step.node_id}, target={step.target}) cannot run: no remote runner is available"
@@ -589,7 +604,9 @@ class Run:
                 self._open_runners(stack)
                 result = body()
         except BaseException as exc:
-            self._emit(ev.run_failed, str(exc), self._failed_at.get(id(exc), getattr(exc, "node_id", None)))
+            self._emit(
+                ev.run_failed, str(exc), self._failed_at.get(id(exc), getattr(exc, "node_id", None))
+            )
             raise
         finally:
             if self._pool is not None:
@@ -603,7 +620,11 @@ class Run:
     # -- runners --------------------------------------------------------------------
 
     def _runner_kind(self, node: NodeRecord) -> str:
-        kind = "subprocess" if node.target == "subprocess" or self.isolation == "subprocess" else "local"
+        kind = (
+            "subprocess"
+            if node.target == "subprocess" or self.isolation == "subprocess"
+            else "local"
+        )
         return kind if kind in self.runner_factories else "local"
 
     def _open_runners(self, stack: contextlib.ExitStack) -> None:
@@ -738,10 +759,13 @@ class Run:
         keyed = self.cache is not None and node.cacheable
         in_key: Any = self.keys.in_key(nid, self.outputs) if keyed else None
         hit = True
+        state_key: str | None
         if not node.trainable:
             state, state_key = None, "stateless"
         elif self.phase == "fit":
-            state, state_key, fitted = self._fit_state(node, runner, x, in_key if keyed else None, keyed)
+            state, state_key, fitted = self._fit_state(
+                node, runner, x, in_key if keyed else None, keyed
+            )
             hit = not fitted
         else:
             state = self.states.get(nid)
@@ -844,7 +868,10 @@ class Run:
         inside = set(ids)
         order = [nid for nid in self.shape.order if nid in inside]
         external = {
-            p: self.outputs[p] for nid in order for p in self.shape.predecessors[nid] if p not in inside
+            p: self.outputs[p]
+            for nid in order
+            for p in self.shape.predecessors[nid]
+            if p not in inside
         }
         needed = tuple(
             nid
@@ -881,7 +908,9 @@ class Run:
         self.outputs.update(result.outputs)
         if self.phase == "fit":
             for nid, state in result.states.items():
-                self._commit_state(nid, state, result.state_keys.get(nid, keys.get(nid, (None, None))[0]))
+                self._commit_state(
+                    nid, state, result.state_keys.get(nid, keys.get(nid, (None, None))[0])
+                )
         for nid in order:
             self._hits.setdefault(nid, False)
 
@@ -893,7 +922,9 @@ class Run:
             return self.x
         chunks = split_chunks(self.x, chunk_size)
         total = n_rows(self.x) if is_row_sliceable(self.x) else 1
-        evolving = {nid: self.states.get(nid) for nid in order if self.nodes[nid].stream_mode == "evolving"}
+        evolving = {
+            nid: self.states.get(nid) for nid in order if self.nodes[nid].stream_mode == "evolving"
+        }
         barriers = [i for i, nid in enumerate(order) if self.nodes[nid].stream_mode == "barrier"]
         buffers: dict[int, list[Any]] = {i: [] for i in barriers}
         started: dict[str, float] = {}
@@ -915,7 +946,9 @@ class Run:
                     if callable(getattr(node.filter, "update", None)):
                         evolving[nid] = runner.update(nid, value, state)
                 else:
-                    out = runner.forward(nid, value, self.states.get(nid) if node.trainable else None)
+                    out = runner.forward(
+                        nid, value, self.states.get(nid) if node.trainable else None
+                    )
             except BaseException:
                 failing.append(nid)
                 started[nid] += time.perf_counter() - begin

@@ -19,10 +19,11 @@ remote nodes go, and passes the answers in.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence as SequenceABC
+from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Union
+from typing import Any
 
 from soma.errors import CycleError, SomaConfigError, WorkerUnavailableError
 
@@ -118,7 +119,12 @@ class Remote:
     plan: PlanStep
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "Remote", "node_id": self.node_id, "target": self.target, "plan": self.plan.to_dict()}
+        return {
+            "type": "Remote",
+            "node_id": self.node_id,
+            "target": self.target,
+            "plan": self.plan.to_dict(),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +152,11 @@ class Branch:
     arms: tuple[tuple[str, PlanStep], ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "Branch", "node_id": self.node_id, "arms": [[label, p.to_dict()] for label, p in self.arms]}
+        return {
+            "type": "Branch",
+            "node_id": self.node_id,
+            "arms": [[label, p.to_dict()] for label, p in self.arms],
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +167,7 @@ class Empty:
         return {"type": "Empty"}
 
 
-PlanStep = Union[Execute, Cached, Composite, Sequence, Parallel, Remote, Loop, Branch, Empty]
+PlanStep = Execute | Cached | Composite | Sequence | Parallel | Remote | Loop | Branch | Empty
 
 
 def children(step: PlanStep) -> tuple[PlanStep, ...]:
@@ -392,7 +402,9 @@ def resolve_placement(
 def check_mode(mode: object) -> str:
     """Return ``mode`` if it is a compile mode, else raise ``SomaConfigError``."""
     if mode not in MODES:
-        raise SomaConfigError(f"Unknown mode: {mode}. Use 'inference', 'differentiable', or 'no_cache'.")
+        raise SomaConfigError(
+            f"Unknown mode: {mode}. Use 'inference', 'differentiable', or 'no_cache'."
+        )
     return str(mode)
 
 
@@ -424,9 +436,7 @@ def compile_plan(
     for level in shape.levels:
         members = [leaf(nid) for nid in level]
         levels.append(members[0] if len(members) == 1 else _group_remote_parallel(members))
-    plan = _merge_remote_runs(levels)
-    plan = _composites(plan, shape)
-    return _simplify(plan)
+    return _simplify(_composites(_merge_remote_runs(levels), shape))
 
 
 def _group_remote_parallel(members: list[PlanStep]) -> PlanStep:
@@ -447,7 +457,9 @@ def _merge_remote_runs(steps: list[PlanStep]) -> Sequence:
         if len(run) == 1:
             merged.append(run[0])
         elif run:
-            merged.append(Remote(run[0].node_id, run[0].target, Sequence(tuple(r.plan for r in run))))
+            merged.append(
+                Remote(run[0].node_id, run[0].target, Sequence(tuple(r.plan for r in run)))
+            )
         run.clear()
 
     for step in steps:
@@ -494,13 +506,17 @@ def _composites(step: PlanStep, shape: GraphShape) -> PlanStep:
 
 def _simplify(step: PlanStep) -> PlanStep:
     if isinstance(step, (Sequence, Parallel)):
-        children = [_simplify(c) for c in (step.steps if isinstance(step, Sequence) else step.branches)]
+        children = [
+            _simplify(c) for c in (step.steps if isinstance(step, Sequence) else step.branches)
+        ]
         children = [c for c in children if not isinstance(c, Empty)]
         if not children:
             return Empty()
         if len(children) == 1:
             return children[0]
-        return Sequence(tuple(children)) if isinstance(step, Sequence) else Parallel(tuple(children))
+        return (
+            Sequence(tuple(children)) if isinstance(step, Sequence) else Parallel(tuple(children))
+        )
     if isinstance(step, Remote):
         return Remote(step.node_id, step.target, _simplify(step.plan))
     return step
@@ -538,7 +554,13 @@ def diagnostics(
                     )
                 )
         if nid in unhashable:
-            out.append(_diag(nid, "warning", f"parameters of `{nid}` cannot be hashed; node will not be cached"))
+            out.append(
+                _diag(
+                    nid,
+                    "warning",
+                    f"parameters of `{nid}` cannot be hashed; node will not be cached",
+                )
+            )
         if not workers_configured and spec.target not in ("local", "subprocess", "any"):
             out.append(_diag(nid, "info", f"target '{spec.target}' ignored: no workers configured"))
     return out
