@@ -1,0 +1,185 @@
+"""The worker's Prometheus metrics (worker spec §4.6), one registry per worker.
+
+Counters and the plan histogram are updated where things happen (the connection counts
+requests and bytes, the executor plan durations and cache lookups, the server auth
+failures). Readings that already live elsewhere are taken at scrape time instead of being
+mirrored: slots, queue and sessions from the executor's ``status()``, children and their
+kills from ``Pool.stats()``, store size and deletions from the ``Store``, children's RSS
+from the memory watch's view of the process tree. So a scrape always shows the truth,
+whoever forgot to update a gauge.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import psutil
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.registry import Collector
+
+from soma.isolation.limits import read_rss
+
+__all__ = ["CHILD_STATES", "CONTENT_TYPE", "KILL_REASONS", "PREFIX", "WorkerMetrics", "kill_reason"]
+
+PREFIX = "soma_worker_"
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+"""The Prometheus text exposition format 0.0.4, what ``/metrics`` answers."""
+
+CHILD_STATES = ("idle", "busy", "pinned")
+KILL_REASONS = ("timeout", "cancel", "memory", "crash", "retire")
+
+# Pool kill reasons (isolation layer vocabulary) -> the five §4.6 labels.
+_KILL_REASON_MAP = {
+    "timeout": "timeout",
+    "cancelled": "cancel",
+    "memory_limit": "memory",
+    "child_crashed": "crash",
+    "child_protocol_error": "crash",
+    "child_start_failed": "crash",
+    "encoding_error": "crash",
+    "reset_failed": "crash",
+    "dead_idle": "crash",
+}
+
+PLAN_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+
+
+def kill_reason(pool_reason: str) -> str:
+    """The §4.6 ``reason`` label of a pool kill reason; every retirement counts as ``retire``."""
+    return _KILL_REASON_MAP.get(pool_reason, "retire")
+
+
+StatusSource = Callable[[], Mapping[str, Any]]
+
+
+class WorkerMetrics:
+    """Every ``soma_worker_*`` metric of one worker, in its own ``CollectorRegistry``.
+
+    Update the counters directly (``metrics.requests.labels(type=..., outcome=...).inc()``);
+    attach the live sources with ``attach`` so gauges read them at scrape time; ``render``
+    produces the ``/metrics`` body.
+    """
+
+    def __init__(self, *, slots_total: int, memory_limit_bytes: int | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.slots_total = slots_total
+        self.memory_limit_bytes = memory_limit_bytes
+        registry = self.registry
+        self.requests = Counter(
+            f"{PREFIX}requests", "Requests answered, by message type and outcome", ["type", "outcome"], registry=registry
+        )
+        self.plan_seconds = Histogram(
+            f"{PREFIX}plan_seconds", "Plan duration from slot to reply", buckets=PLAN_BUCKETS, registry=registry
+        )
+        self.bytes_received = Counter(
+            f"{PREFIX}bytes_received", "Bytes received in WebSocket frames and uploads", registry=registry
+        )
+        self.bytes_sent = Counter(f"{PREFIX}bytes_sent", "Bytes sent in WebSocket frames and downloads", registry=registry)
+        self.env_builds = Counter(f"{PREFIX}env_builds", "Environment builds by outcome", ["outcome"], registry=registry)
+        self.cache_hits = Counter(f"{PREFIX}cache_hits", "Worker cache hits", registry=registry)
+        self.cache_misses = Counter(f"{PREFIX}cache_misses", "Worker cache misses", registry=registry)
+        self.auth_failures = Counter(f"{PREFIX}auth_failures", "Requests refused for a missing or wrong token", registry=registry)
+        for outcome in ("success", "failed"):
+            self.env_builds.labels(outcome=outcome)
+        self._status: StatusSource | None = None
+        self._pool: Any = None
+        self._store: Any = None
+        registry.register(_LiveCollector(self))
+
+    def attach(self, *, status: StatusSource | None = None, pool: Any = None, store: Any = None) -> None:
+        """Give the scrape-time sources: the executor's ``status`` callable, the ``Pool`` and the ``Store``.
+
+        Any of them may be left out (a worker still starting); its gauges then read 0.
+        """
+        if status is not None:
+            self._status = status
+        if pool is not None:
+            self._pool = pool
+        if store is not None:
+            self._store = store
+
+    def count_request(self, message_type: str, outcome: str) -> None:
+        """One answered request: ``outcome`` is ``ok`` or the error code of its terminal reply."""
+        self.requests.labels(type=message_type, outcome=outcome).inc()
+
+    def render(self) -> bytes:
+        """The ``/metrics`` body (text format 0.0.4). Reads the store and process tree: call it in a thread."""
+        return generate_latest(self.registry)
+
+    # -- scrape-time readings ------------------------------------------------------------------
+
+    def _status_reading(self) -> Mapping[str, Any]:
+        return self._status() if self._status is not None else {}
+
+    def _children(self) -> tuple[dict[str, int], dict[str, int]]:
+        states = dict.fromkeys(CHILD_STATES, 0)
+        kills = dict.fromkeys(KILL_REASONS, 0)
+        if self._pool is not None:
+            stats = self._pool.stats()
+            states = {"idle": stats.idle, "busy": stats.busy, "pinned": stats.pinned}
+            for reason, count in stats.kills.items():
+                kills[kill_reason(reason)] += count
+        return states, kills
+
+    def _store_reading(self) -> tuple[int, int]:
+        if self._store is None:
+            return 0, 0
+        try:
+            used = self._store.bytes_used()
+        except OSError:  # the store directory vanished under us: report it empty
+            used = 0
+        return used, self._store.deleted_total
+
+
+def _children_rss() -> int:
+    """RSS of every descendant of this process (children, their process groups, builds)."""
+    total = 0
+    try:
+        descendants = psutil.Process(os.getpid()).children(recursive=True)
+    except psutil.Error:
+        return 0
+    for process in descendants:
+        total += read_rss(process.pid) or 0
+    return total
+
+
+class _LiveCollector(Collector):
+    """Gauges and counters read from their owners at scrape time."""
+
+    def __init__(self, metrics: WorkerMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        # Describing by collecting would touch the pool and store at registration time.
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        metrics = self._metrics
+        status = metrics._status_reading()
+        free = int(status.get("free_slots", metrics.slots_total))
+        yield _gauge("slots_total", "Execution slots (--max-concurrent)", metrics.slots_total)
+        yield _gauge("slots_busy", "Slots held by plans, jobs, streams and sessions", metrics.slots_total - free)
+        yield _gauge("queue_depth", "Requests waiting for a slot", int(status.get("queue_depth", 0)))
+        yield _gauge("sessions", "Open sessions", int(status.get("sessions", 0)))
+        states, kills = metrics._children()
+        children = GaugeMetricFamily(f"{PREFIX}children", "Children by state", labels=["state"])
+        for state, count in states.items():
+            children.add_metric([state], count)
+        yield children
+        killed = CounterMetricFamily(f"{PREFIX}child_kills", "Children ended, by reason", labels=["reason"])
+        for reason, count in kills.items():
+            killed.add_metric([reason], count)
+        yield killed
+        used, deleted = metrics._store_reading()
+        yield _gauge("store_bytes", "Bytes held in the upload/output store", used)
+        yield CounterMetricFamily(f"{PREFIX}store_deleted", "Store files deleted by the sweeper", value=deleted)
+        yield _gauge("memory_limit_bytes", "Memory-watch limit over all children", metrics.memory_limit_bytes or 0)
+        yield _gauge("children_rss_bytes", "Resident memory of the worker's descendants", _children_rss())
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}{name}", documentation, value=value)

@@ -1,0 +1,749 @@
+"""The worker's HTTP surface (worker spec §4): one route table, authentication, transfers, metrics.
+
+    request ─▶ error middleware (JSON bodies for 404/405/…) ─▶ auth middleware (protected routes)
+            ─▶ GET /health · GET /info · POST /upload · GET /download · GET /ws · GET /metrics
+
+Long-lived resources are built in ``cleanup_ctx`` so shutdown mirrors startup: the store
+(temp-dir lock, startup sweep, periodic sweeper), the memory watch and child pool, then the
+plan executor. ``WorkerState`` (under the ``STATE`` app key) is what handlers and WebSocket
+connections share. Blocking work (hashing, decoding stored values, scraping) runs in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import mmap
+import platform
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgpack
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from soma.isolation.limits import MemoryWatch
+from soma.isolation.markers import Opaque
+from soma.isolation.pool import Pool
+from soma.log import access_logger, worker_logger
+from soma.wire import v1, v2
+from soma.wire.errors import WireError
+from soma.wire.messages import PROTOCOLS, CachedRef, Capabilities, GpuInfo, InlineRef, LoadMetrics, LocalRef
+from soma.worker.config import WorkerConfig, is_loopback
+from soma.worker.connection import PING_INTERVAL_S, SUBPROTOCOL_V2, Connection, Executor, SomaWebSocket
+from soma.worker.detect import Effective, LoadMeter
+from soma.worker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from soma.worker.metrics import WorkerMetrics
+from soma.worker.store import BadRequest, Store, StoredValue, StoreError
+
+__all__ = [
+    "MEMORY_WATCH_FRACTION",
+    "PROTECTED_PATHS",
+    "STATE",
+    "V2_CONTENT_TYPE",
+    "ExecutorFactory",
+    "MaskingAccessLogger",
+    "WorkerState",
+    "build_app",
+    "check_token",
+    "mask_token",
+    "soma_version",
+]
+
+V2_CONTENT_TYPE = "application/vnd.soma.v2"
+"""Content type of a v2 value frame on ``/upload`` and ``/download``."""
+
+PROTECTED_PATHS = frozenset({"/upload", "/download", "/ws", "/metrics"})
+"""Routes that need the token when one is set; ``/health`` and ``/info`` never do (§4.2)."""
+
+MEMORY_WATCH_FRACTION = 0.9
+"""Without ``--memory`` the children may use this share of the detected RAM in total (§3.3)."""
+
+QUERY_TOKEN_WARNING_S = 3600.0
+AUTH_FAILURE_WARNING_S = 60.0
+_UPLOAD_CHUNK = 1 << 20
+_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&#]*", re.IGNORECASE)
+
+
+def soma_version() -> str:
+    """The installed ``soma-runtime`` version (``0+unknown`` in an uninstalled tree)."""
+    try:
+        return version("soma-runtime")
+    except PackageNotFoundError:  # pragma: no cover - only in an uninstalled source tree
+        return "0+unknown"
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --------------------------------------------------------------------------- shared state
+
+
+class ExecutorFactory(Protocol):
+    """Builds the plan executor once the pool and store exist (a test seam; default ``PlanExecutor``)."""
+
+    def __call__(
+        self, config: WorkerConfig, *, pool: Pool, store: Store, metrics: WorkerMetrics, capabilities: Effective
+    ) -> Any: ...
+
+
+def _default_executor(
+    config: WorkerConfig, *, pool: Pool, store: Store, metrics: WorkerMetrics, capabilities: Effective
+) -> Any:
+    from soma.worker.execute import PlanExecutor
+
+    return PlanExecutor(config, pool=pool, store=store, metrics=metrics, capabilities=capabilities)
+
+
+@dataclass
+class WorkerState:
+    """Everything the routes and connections of one worker share.
+
+    ``store``, ``pool`` and ``executor`` are set while the app runs (``cleanup_ctx``).
+    ``on_shutdown`` is called once when a ``Shutdown`` is accepted; the lifecycle owner
+    (``soma.worker.app``) then drains and stops the server.
+    """
+
+    config: WorkerConfig
+    effective: Effective
+    metrics: WorkerMetrics
+    load_meter: LoadMeter
+    started_at: str = field(default_factory=_now_rfc3339)
+    store: Store | None = None
+    pool: Pool | None = None
+    memory_watch: MemoryWatch | None = None
+    executor: Executor | None = None
+    connections: set[Connection] = field(default_factory=set)
+    on_shutdown: Callable[[float | None, str | None], None] | None = None
+    _draining: bool = False
+    _warned: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    @property
+    def worker_id(self) -> str:
+        return self.config.worker_id
+
+    @property
+    def draining(self) -> bool:
+        """Whether shutdown began: ``/health`` answers 503 and new requests get ``shutting_down``."""
+        return self._draining
+
+    def start_draining(self) -> None:
+        """Enter the draining state (idempotent)."""
+        self._draining = True
+
+    @property
+    def shutdown_allowed(self) -> bool:
+        """A tokenless worker bound beyond loopback refuses ``Shutdown`` (§4.2)."""
+        return self.config.token is not None or is_loopback(self.config.host)
+
+    def request_shutdown(self, drain_s: float | None, reason: str | None) -> None:
+        """Start the §6.12 shutdown: draining at once, the rest by the lifecycle owner."""
+        first = not self._draining
+        self._draining = True
+        if first and self.on_shutdown is not None:
+            self.on_shutdown(drain_s, reason)
+
+    def capabilities(self) -> Capabilities:
+        """The wire ``Capabilities`` record."""
+        caps = self.effective.capabilities()
+        return Capabilities(
+            cpu_cores=caps["cpu_cores"],
+            ram_bytes=caps["ram_bytes"],
+            gpus=[GpuInfo(**gpu) for gpu in caps["gpus"]],
+            python_envs=list(caps["python_envs"]),
+            tags=list(caps["tags"]),
+        )
+
+    def executor_status(self) -> Mapping[str, Any]:
+        """The executor's ``status()`` (empty before it exists)."""
+        return self.executor.status() if self.executor is not None else {}
+
+    def status_counts(self) -> dict[str, int]:
+        """``running``, ``queue_depth``, ``sessions`` and ``free_slots`` from the executor."""
+        status = self.executor_status()
+        running = status.get("running", ())
+        return {
+            "running": running if isinstance(running, int) else len(running),
+            "queue_depth": int(status.get("queue_depth", 0)),
+            "sessions": int(status.get("sessions", 0)),
+            "free_slots": int(status.get("free_slots", self.config.max_concurrent)),
+        }
+
+    def load_dict(self) -> dict[str, Any]:
+        """A ``LoadMetrics`` dict. Reads the process tree: call it in a thread."""
+        counts = self.status_counts()
+        return self.load_meter.load_metrics(
+            active_plans=counts["running"],
+            queue_depth=counts["queue_depth"],
+            free_slots=counts["free_slots"],
+            max_concurrent=self.config.max_concurrent,
+            sessions=counts["sessions"],
+        )
+
+    def load(self) -> LoadMetrics:
+        """The ``LoadMetrics`` record (blocking; see ``load_dict``)."""
+        return LoadMetrics(**self.load_dict())
+
+    def runtime(self) -> dict[str, Any]:
+        """What ``Welcome.runtime`` reports: the worker's Python, cloudpickle and soma versions."""
+        return {
+            "python": platform.python_version(),
+            "cloudpickle": _package_version("cloudpickle"),
+            "soma": soma_version(),
+        }
+
+    def memory_limit(self) -> int:
+        """The memory watch's limit over all children: ``--memory``, else 90 % of detected RAM."""
+        if self.config.memory is not None:
+            return self.config.memory
+        return int(self.effective.ram_bytes * MEMORY_WATCH_FRACTION)
+
+    def limits(self) -> dict[str, Any]:
+        """Every enforced limit of §3.3 and §4.3, for ``/info.limits``."""
+        config = self.config
+        gpus = self.effective.gpus
+        return {
+            "cpu_cores": self.effective.cpu_cores,
+            "ram_bytes": self.effective.ram_bytes,
+            "max_concurrent": config.max_concurrent,
+            "max_queue": config.max_queue,
+            "queue_timeout_s": config.queue_timeout,
+            "timeout_s": config.timeout,
+            "threads_per_child": max(1, self.effective.cpu_cores // config.max_concurrent),
+            "cuda_visible_devices": ",".join(gpu.uuid or str(gpu.index) for gpu in gpus),
+            "memory_limit_bytes": self.memory_limit(),
+            "child_memory_bytes": config.child_memory,
+            "child_rlimit_as_bytes": config.child_rlimit_as,
+            "max_upload_bytes": config.max_upload_bytes,
+            "max_message_bytes": config.max_message_bytes,
+            "inline_threshold": config.inline_threshold,
+            "store_ttl_s": config.store_ttl,
+            "store_max_bytes": config.store_max_bytes,
+            "drain_timeout_s": config.drain_timeout,
+        }
+
+    def info(self) -> dict[str, Any]:
+        """The ``/info`` body (§4.1). Reads load: call it in a thread."""
+        return {
+            "type": "Register",
+            "worker_id": self.worker_id,
+            "capabilities": self.effective.capabilities(),
+            "version": soma_version(),
+            "protocols": list(PROTOCOLS),
+            "auth": self.config.auth,
+            "max_concurrent": self.config.max_concurrent,
+            "limits": self.limits(),
+            "gpu_devices": self.effective.gpu_devices(),
+            "started_at": self.started_at,
+            "load": self.load_dict(),
+        }
+
+    def warn_once_per(self, kind: str, remote: str, period: float, message: str, *args: Any) -> None:
+        """Log a WARNING at most once per ``period`` seconds for (``kind``, ``remote``)."""
+        now = time.monotonic()
+        last = self._warned.get((kind, remote))
+        if last is None or now - last >= period:
+            self._warned[(kind, remote)] = now
+            worker_logger.warning(message, *args)
+
+
+STATE: web.AppKey[WorkerState] = web.AppKey("soma_worker_state", WorkerState)
+
+routes = web.RouteTableDef()
+
+
+# --------------------------------------------------------------------------- errors and auth
+
+
+def _json_error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
+
+
+@web.middleware
+async def _error_bodies(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Turn aiohttp's plain-text 404/405 (and any HTTP error without a JSON body) into ``{"error", "message"}``."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return _json_error(404, "not_found", f"no route {request.method} {request.path}")
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return _json_error(
+            405, "method_not_allowed", f"{request.method} is not allowed on {request.path}; use {allowed}",
+            headers={"Allow": allowed},
+        )
+
+
+def check_token(given: str, expected: str) -> bool:
+    """Constant-time token comparison whatever the lengths: ``compare_digest`` of SHA-256 digests."""
+    return hmac.compare_digest(
+        hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest(),
+        hashlib.sha256(expected.encode("utf-8", "surrogateescape")).digest(),
+    )
+
+
+def _presented(request: web.Request) -> tuple[str | None, str]:
+    """The token a request presents and how: ``Authorization: Bearer`` first, then ``?token=``."""
+    header = request.headers.get("Authorization")
+    if header:
+        scheme, _, value = header.strip().partition(" ")
+        if scheme.lower() == "bearer":
+            return value.strip(), "bearer"
+    if "token" in request.query:
+        return request.query["token"], "query"
+    return None, "none"
+
+
+@web.middleware
+async def _authenticate(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Refuse protected routes without the right token (401 before any WebSocket upgrade)."""
+    state = request.app[STATE]
+    expected = state.config.token
+    if expected is None or request.path not in PROTECTED_PATHS:
+        return await handler(request)
+    remote = request.remote or "unknown"
+    token, how = _presented(request)
+    if token is not None and check_token(token, expected):
+        if how == "query":
+            state.warn_once_per(
+                "query-token", remote, QUERY_TOKEN_WARNING_S,
+                "client %s sent its token in the URL query (?token=...), which proxies and logs may keep; "
+                "send it as 'Authorization: Bearer <token>' instead",
+                remote,
+            )
+        return await handler(request)
+    state.metrics.auth_failures.inc()
+    state.warn_once_per(
+        "auth-failure", remote, AUTH_FAILURE_WARNING_S,
+        "refused %s %s from %s: %s", request.method, request.path, remote,
+        "no token presented" if token is None else "wrong token",
+    )
+    return _json_error(
+        401,
+        "unauthorized",
+        "this worker requires a token: send 'Authorization: Bearer <token>'",
+        headers={"WWW-Authenticate": 'Bearer realm="soma"'},
+    )
+
+
+def mask_token(path_qs: str) -> str:
+    """``path_qs`` with any ``token=`` query value replaced by ``***`` (access logs)."""
+    return _TOKEN_IN_QUERY.sub(r"\1***", path_qs)
+
+
+class MaskingAccessLogger(AbstractAccessLogger):
+    """One access-log line per request, with ``token=***`` in place of a query token."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            '%s "%s %s HTTP/%d.%d" %d %s %.3fs',
+            request.remote,
+            request.method,
+            mask_token(request.raw_path),
+            request.version.major,
+            request.version.minor,
+            response.status,
+            response.body_length,
+            time,
+        )
+
+
+# --------------------------------------------------------------------------- status routes
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    """``ok`` while serving, 503 ``draining`` once shutdown began."""
+    if request.app[STATE].draining:
+        return web.Response(status=503, text="draining", content_type="text/plain", charset="utf-8")
+    return web.Response(text="ok", content_type="text/plain", charset="utf-8")
+
+
+@routes.get("/info")
+async def info(request: web.Request) -> web.Response:
+    """The §4.1 ``Register`` document plus version, protocols, auth, limits, GPUs and load."""
+    body = await asyncio.to_thread(request.app[STATE].info)
+    return web.json_response(body)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format 0.0.4."""
+    body = await asyncio.to_thread(request.app[STATE].metrics.render)
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+# --------------------------------------------------------------------------- uploads
+
+
+def _format_of(content_type: str, head: bytes) -> str:
+    """``soma`` (v2 frame), ``json`` (v1 Value) or ``msgpack`` (named-map Value): by type, else sniffed."""
+    if content_type == V2_CONTENT_TYPE:
+        return "soma"
+    if content_type == "application/json":
+        return "json"
+    if content_type == "application/msgpack":
+        return "msgpack"
+    if head.startswith(v2.MAGIC):
+        return "soma"
+    return "json" if head.lstrip()[:1] == b"{" else "msgpack"
+
+
+def _decode_stored(stored: StoredValue) -> Any:
+    """The value of a stored file as the worker sees it (never unpickled). Raises ``WireError``."""
+    if stored.kind == "npy":
+        return stored.load_array()
+    if stored.kind == "soma":
+        with stored.path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            value = v2.decode_value_frame(memoryview(mapped), "worker")
+            # Views into the map would dangle once it closes; the callers need values, not views.
+            return _detached(value)
+    data = stored.read_bytes()
+    try:
+        raw = json.loads(data) if stored.kind == "json" else msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise WireError("bad_message", f"undecodable {stored.kind} value: {exc}") from exc
+    return v1.decode_value(raw)
+
+
+def _detached(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return np.array(value, copy=True)
+    if isinstance(value, list):
+        return [_detached(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_detached(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _detached(item) for key, item in value.items()}
+    if isinstance(value, Opaque):
+        return Opaque(bytes(value.data), [bytes(buffer) for buffer in value.buffers])
+    if isinstance(value, memoryview):
+        return bytes(value)
+    return value
+
+
+def _validate_upload(store: Store, key: str) -> StoredValue:
+    """Decode a freshly stored upload; an undecodable one is removed and raises ``WireError``."""
+    stored = store.find_cached(key)
+    try:
+        _decode_stored(stored)
+    except (WireError, ValueError, OSError) as exc:
+        stored.path.unlink(missing_ok=True)
+        if isinstance(exc, WireError):
+            raise
+        raise WireError("bad_message", f"undecodable upload: {exc}") from exc
+    return stored
+
+
+@routes.post("/upload")
+async def upload(request: web.Request) -> web.Response:
+    """Store one value (§4.3) and answer its reference: v1 ``Local{path}``, v2 ``Cached{cache_key, size}``."""
+    state = request.app[STATE]
+    store = _store(state)
+    limit = state.config.max_upload_bytes
+    size = request.content_length
+    if size is not None and size > limit:
+        return _json_error(413, "too_large", f"body of {size} bytes exceeds the upload limit of {limit} bytes")
+    reader = request.content
+    head = await reader.read(_UPLOAD_CHUNK)
+    if not head:
+        return _json_error(400, "bad_message", "empty body: upload one encoded value")
+    kind = _format_of(request.content_type, head)
+    suffix = {"soma": ".soma", "json": ".json", "msgpack": ".msgpack"}[kind]
+    try:
+        pending = await asyncio.to_thread(store.open_upload, suffix, size=size, limit=limit)
+        with pending:
+            chunk = head
+            while chunk:
+                await asyncio.to_thread(pending.write, chunk)
+                chunk = await _read_at_least(reader, _UPLOAD_CHUNK)
+            key = await asyncio.to_thread(pending.commit)
+        stored = await asyncio.to_thread(_validate_upload, store, key)
+    except StoreError as exc:
+        return _json_error(exc.http_status, exc.code, str(exc))
+    except WireError as exc:
+        return _json_error(400, exc.code, f"undecodable {kind} value: {exc.message}")
+    state.metrics.bytes_received.inc(stored.size)
+    if kind == "soma":
+        return web.json_response({"type": "Cached", "cache_key": key, "size": stored.size})
+    return web.json_response({"type": "Local", "path": str(stored.path)})
+
+
+async def _read_at_least(reader: Any, n: int) -> bytes:
+    """Up to ``n`` bytes, gathered from as many network chunks as arrive (so a thread hop moves ~1 MiB)."""
+    parts = []
+    total = 0
+    while total < n:
+        chunk = await reader.read(n - total)
+        if not chunk:
+            break
+        parts.append(chunk)
+        total += len(chunk)
+    return b"".join(parts)
+
+
+def _store(state: WorkerState) -> Store:
+    if state.store is None:  # pragma: no cover - routes only run inside cleanup_ctx
+        raise web.HTTPServiceUnavailable(text="the store is not open")
+    return state.store
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+def _parse_ref(text: str | None) -> Any:
+    """The ``DataRef`` of a ``?ref=`` JSON document (``Cached`` keys as hex or 32 ints). Raises ``BadRequest``."""
+    if not text:
+        raise BadRequest("missing ?ref=<JSON DataRef>")
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise BadRequest(f"?ref= is not JSON: {exc}") from exc
+    if isinstance(data, dict) and data.get("type") == "Cached" and isinstance(data.get("cache_key"), str):
+        return CachedRef(cache_key=data["cache_key"])
+    try:
+        return v1.decode_ref(data)
+    except WireError as exc:
+        raise BadRequest(f"?ref= is not a DataRef: {exc.message}") from exc
+
+
+def _resolve(store: Store, ref: Any) -> StoredValue | Any:
+    """A ``StoredValue`` for store/data-store references, the value itself for ``Inline``."""
+    if isinstance(ref, LocalRef):
+        return store.resolve_local(ref.path)
+    if isinstance(ref, CachedRef):
+        return store.find_cached(ref.cache_key)
+    if isinstance(ref, InlineRef):
+        return ref
+    raise _Unsupported(f"{ref.type} references are not supported by this worker; upload the value instead")
+
+
+class _Unsupported(StoreError):
+    code = "unsupported_reference"
+    http_status = 400
+
+
+class _NotAcceptable(Exception):
+    """The value has no form in the requested format (406)."""
+
+
+def _holds_opaque(value: Any) -> bool:
+    if isinstance(value, Opaque):
+        return True
+    if isinstance(value, list | tuple):
+        return any(_holds_opaque(item) for item in value)
+    if isinstance(value, dict):
+        return any(_holds_opaque(key) or _holds_opaque(item) for key, item in value.items())
+    return False
+
+
+def _converted(value: Any, want_v2: bool) -> bytes:
+    """``value`` as a v2 frame or a v1 JSON ``Value``; raises ``_NotAcceptable`` when v1 cannot carry it."""
+    if want_v2:
+        return v2.encode_value_frame(value)
+    if _holds_opaque(value):
+        raise _NotAcceptable("the value holds objects that only wire v2 carries; request Accept: " + V2_CONTENT_TYPE)
+    try:
+        encoded = v1.encode_value(value)
+        return json.dumps(encoded, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except (WireError, ValueError) as exc:
+        message = exc.message if isinstance(exc, WireError) else str(exc)
+        raise _NotAcceptable(f"{message}; request Accept: {V2_CONTENT_TYPE}") from exc
+
+
+@routes.get("/download")
+async def download(request: web.Request) -> web.StreamResponse:
+    """Send a stored value: a v2 frame with ``Accept: application/vnd.soma.v2``, else a v1 JSON ``Value``."""
+    state = request.app[STATE]
+    store = _store(state)
+    want_v2 = V2_CONTENT_TYPE in request.headers.get("Accept", "")
+    content_type = V2_CONTENT_TYPE if want_v2 else "application/json"
+    try:
+        ref = _parse_ref(request.query.get("ref"))
+        resolved = await asyncio.to_thread(_resolve, store, ref)
+    except StoreError as exc:
+        return _json_error(exc.http_status, exc.code, str(exc))
+    if isinstance(resolved, InlineRef):
+        try:
+            body = await asyncio.to_thread(_converted, resolved.value, want_v2)
+        except _NotAcceptable as exc:
+            return _json_error(406, "encoding_error", str(exc))
+        state.metrics.bytes_sent.inc(len(body))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+    stored: StoredValue = resolved
+    pin = await asyncio.to_thread(store.pin, stored.key) if stored.key is not None else None
+    try:
+        if (stored.kind == "soma" and want_v2) or (stored.kind == "json" and not want_v2):
+            response = web.FileResponse(stored.path, headers={"Content-Type": content_type})
+            await response.prepare(request)
+            state.metrics.bytes_sent.inc(stored.size)
+            return response
+        try:
+            body = await asyncio.to_thread(lambda: _converted(_decode_stored(stored), want_v2))
+        except _NotAcceptable as exc:
+            return _json_error(406, "encoding_error", str(exc))
+        except WireError as exc:
+            return _json_error(500, "internal", f"stored value {stored.path.name} is unreadable: {exc.message}")
+        state.metrics.bytes_sent.inc(len(body))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+    finally:
+        if pin is not None:
+            await asyncio.to_thread(pin.release)
+
+
+# --------------------------------------------------------------------------- WebSocket
+
+
+@routes.get("/ws")
+async def websocket(request: web.Request) -> web.StreamResponse:
+    """Upgrade to a wire connection: subprotocol ``soma.v2`` selects v2, none v1 (§5.1)."""
+    state = request.app[STATE]
+    if state.draining:
+        return _json_error(503, "shutting_down", "the worker is shutting down; connect elsewhere or later")
+    ws = SomaWebSocket(
+        protocols=(SUBPROTOCOL_V2,),
+        max_msg_size=state.config.max_message_bytes,
+        heartbeat=PING_INTERVAL_S,
+        compress=False,
+    )
+    if not ws.can_prepare(request).ok:
+        return _json_error(400, "bad_message", "GET /ws expects a WebSocket upgrade")
+    await ws.prepare(request)
+    dialect = "v2" if ws.ws_protocol == SUBPROTOCOL_V2 else "v1"
+    connection = Connection(ws, dialect=dialect, host=state, peer=request.remote)
+    state.connections.add(connection)
+    try:
+        await connection.run()
+    finally:
+        state.connections.discard(connection)
+    return ws
+
+
+# --------------------------------------------------------------------------- resources
+
+
+async def _store_lifetime(app: web.Application) -> AsyncIterator[None]:
+    """Open the store (lock, startup sweep), sweep it periodically, release the lock at the end."""
+    state = app[STATE]
+    config = state.config
+    fresh = config.temp_dir is None
+    root = Path(tempfile.mkdtemp(prefix=f"soma-worker-{config.worker_id}-")) if fresh else config.temp_dir
+    assert root is not None
+    store = Store(root, ttl=config.store_ttl, max_bytes=config.store_max_bytes, data_store=config.data_store)
+    await asyncio.to_thread(store.open)
+    state.store = store
+    state.metrics.attach(store=store)
+    sweeper = asyncio.create_task(_sweep_forever(store, config.store_sweep), name="soma-store-sweeper")
+    try:
+        yield
+    finally:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+        store.close()
+        if fresh:
+            await asyncio.to_thread(shutil.rmtree, root, True)
+
+
+async def _sweep_forever(store: Store, period: float) -> None:
+    while True:
+        await asyncio.sleep(period)
+        try:
+            deleted = await asyncio.to_thread(store.sweep)
+        except OSError as exc:
+            worker_logger.warning("store sweep failed: %s", exc)
+            continue
+        if deleted:
+            worker_logger.debug("store sweep deleted %d file(s)", deleted)
+
+
+async def _pool_lifetime(app: web.Application) -> AsyncIterator[None]:
+    """The memory watch (§3.3) and the child pool; on exit every child is killed."""
+    state = app[STATE]
+    config = state.config
+    watch = MemoryWatch(total_limit=state.memory_limit(), child_limit=config.child_memory)
+    watch.start()
+    pool = Pool(
+        max_idle=config.max_idle_children if config.max_idle_children is not None else config.max_concurrent,
+        idle_ttl=config.child_idle_ttl,
+        max_tasks=config.child_max_tasks,
+        max_idle_rss=config.child_max_idle_rss,
+        restricted=True,
+        memory_watch=watch,
+    )
+    state.pool, state.memory_watch = pool, watch
+    state.metrics.attach(pool=pool)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(pool.close)
+        await asyncio.to_thread(watch.stop)
+
+
+def _executor_ctx(factory: ExecutorFactory) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        state = app[STATE]
+        assert state.pool is not None and state.store is not None
+        state.executor = factory(
+            state.config, pool=state.pool, store=state.store, metrics=state.metrics, capabilities=state.effective
+        )
+        state.metrics.attach(status=state.executor_status)
+        try:
+            yield
+        finally:
+            await state.executor.close()
+
+    return lifetime
+
+
+def build_app(
+    config: WorkerConfig,
+    *,
+    effective: Effective,
+    on_shutdown: Callable[[float | None, str | None], None] | None = None,
+    executor_factory: ExecutorFactory | None = None,
+) -> web.Application:
+    """The worker's ``web.Application`` for ``config`` and the detected-and-capped ``effective`` values.
+
+    ``on_shutdown(drain_s, reason)`` is called once when a client's ``Shutdown`` is accepted.
+    ``executor_factory`` replaces the default ``PlanExecutor`` (tests).
+    """
+    app = web.Application(middlewares=[_error_bodies, _authenticate], client_max_size=config.max_upload_bytes)
+    metrics = WorkerMetrics(slots_total=config.max_concurrent)
+    state = WorkerState(
+        config=config,
+        effective=effective,
+        metrics=metrics,
+        load_meter=LoadMeter(
+            cpu_cores=effective.cpu_cores,
+            ram_bytes=effective.ram_bytes,
+            gpu_uuids=tuple(gpu.uuid for gpu in effective.gpus),
+        ),
+        on_shutdown=on_shutdown,
+    )
+    metrics.memory_limit_bytes = state.memory_limit()
+    app[STATE] = state
+    app.add_routes(routes)
+    app.cleanup_ctx.extend([_store_lifetime, _pool_lifetime, _executor_ctx(executor_factory or _default_executor)])
+    return app
