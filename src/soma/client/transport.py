@@ -1,0 +1,1047 @@
+"""Transport to workers: one persistent wire-v2 WebSocket per worker, plus ``/upload`` and ``/download``.
+
+Data flow::
+
+    caller thread (a Graph run)              client loop thread (one daemon thread per process)
+    ───────────────────────────              ──────────────────────────────────────────────────
+    RemoteClient.request(msg, on_frame) ───▶ AsyncRemoteClient.request
+      waits on its own inbox                   connect once: upgrade (soma.v2) ─▶ Hello ─▶ Welcome
+                                               send the frame under a fresh request id
+                                               reader task: frame ─▶ decode ─▶ the request of ``re``
+      on_frame(event) ◀──── inbox ◀─────────── events and progress (only queued on this thread)
+      returns the terminal reply ◀──────────── terminal reply, or a soma error
+
+The async core (:class:`AsyncRemoteClient`) holds every decision: connection state,
+correlation, time limits (:class:`Timeout`) and error mapping (:func:`error_from_reply`).
+:class:`RemoteClient` only runs it on the private loop thread, so the synchronous API
+works inside a running event loop (Jupyter, ``asyncio.run``). The network sits behind
+:class:`Transport` (aiohttp by default), so tests can put a fake worker in its place;
+aiohttp exceptions become soma errors at that boundary. Connections are shared: one
+client per ``(address, token)`` for the whole process (:func:`client_for`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import builtins
+import concurrent.futures
+import dataclasses
+import enum
+import itertools
+import json
+import os
+import platform
+import queue
+import re
+import threading
+import urllib.parse
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from soma.errors import (
+    ChildError,
+    ChildTimeoutError,
+    FilterError,
+    ProtocolError,
+    RemoteError,
+    RemoteTimeoutError,
+    RowMismatchError,
+    SomaConfigError,
+    SomaError,
+)
+from soma.log import client_logger
+from soma.wire import v2
+from soma.wire.codec import check_version
+from soma.wire.errors import WireError
+from soma.wire.messages import (
+    ERROR_CODES,
+    DataRef,
+    CachedRef,
+    CancelPlan,
+    Error,
+    ErrorInfo,
+    Event,
+    Heartbeat,
+    Hello,
+    JobProgress,
+    LocalRef,
+    Reply,
+    Request,
+    Shutdown,
+    Welcome,
+)
+
+__all__ = [
+    "DEFAULT",
+    "SUBPROTOCOL",
+    "AiohttpTransport",
+    "AsyncRemoteClient",
+    "Channel",
+    "ClientState",
+    "HttpResponse",
+    "RemoteClient",
+    "Timeout",
+    "Transport",
+    "client_for",
+    "close_all",
+    "error_from_reply",
+    "http_base",
+    "runtime_versions",
+]
+
+SUBPROTOCOL = "soma.v2"
+V2_CONTENT_TYPE = "application/vnd.soma.v2"
+
+T = TypeVar("T")
+
+
+class _Default:
+    """The "use the configured default" sentinel, distinct from ``None`` (which means no limit)."""
+
+    _instance: _Default | None = None
+
+    def __new__(cls) -> _Default:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT = _Default()
+
+
+@dataclass(frozen=True)
+class Timeout:
+    """The client's time limits in seconds, one per phase (worker.md §8); ``None`` means no limit.
+
+    - ``connect``: TCP connection and WebSocket upgrade (or an HTTP connection).
+    - ``welcome``: from ``Hello`` to ``Welcome``.
+    - ``silence``: while a request is in flight, this long without any frame from the
+      worker (heartbeats count) means the worker is lost (``RemoteError``, ``worker_lost``).
+    - ``grace``: the overall deadline of a plan is its ``timeout_s`` plus this.
+    - ``request``: the overall deadline of a request that names no time limit.
+
+    >>> Timeout(silence=2.0).plan_deadline(30)
+    90.0
+    """
+
+    connect: float | None = 10.0
+    welcome: float | None = 10.0
+    silence: float = 15.0
+    grace: float = 60.0
+    request: float | None = None
+
+    def plan_deadline(self, timeout_s: float | None) -> float | None:
+        """The overall deadline of a plan whose ``timeout_s`` is given (``request`` when none)."""
+        return self.request if timeout_s is None else timeout_s + self.grace
+
+
+class ClientState(enum.Enum):
+    """Where a client's connection is in its life."""
+
+    IDLE = "idle"  # never connected: the first request connects
+    CONNECTING = "connecting"  # upgrade and Hello in progress
+    OPEN = "open"  # Welcome received; requests are multiplexed on the connection
+    LOST = "lost"  # the connection dropped or went silent; the next request reconnects
+    CLOSED = "closed"  # close() was called; every request raises
+
+
+# ---------------------------------------------------------------------------- transport seam
+
+
+class Channel(Protocol):
+    """One open WebSocket as the client core sees it."""
+
+    #: The subprotocol the worker granted (``None`` when it granted none).
+    protocol: str | None
+
+    async def send(self, data: bytes) -> None:
+        """Send one binary message; raises ``RemoteError`` when the connection is gone."""
+        ...
+
+    async def receive(self) -> bytes | str | None:
+        """The next data message; ``None`` once the connection is closed."""
+        ...
+
+    async def close(self) -> None:
+        """Close the connection (idempotent)."""
+        ...
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code once closed, else ``None``."""
+        ...
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    """A complete HTTP response."""
+
+    status: int
+    content_type: str
+    body: bytes
+
+
+class Transport(Protocol):
+    """The network under a client: WebSocket connections and HTTP requests.
+
+    Implementations raise soma errors only (``RemoteError``, ``RemoteTimeoutError``,
+    ``ProtocolError``), never those of their library.
+    """
+
+    async def connect(
+        self, url: str, *, headers: Mapping[str, str], protocols: tuple[str, ...], timeout: Timeout
+    ) -> Channel:
+        """Open a WebSocket to ``url`` offering ``protocols``."""
+        ...
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        body: bytes | None = None,
+        timeout: Timeout,
+    ) -> HttpResponse:
+        """One HTTP request; any status comes back as a response."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections and sessions."""
+        ...
+
+
+def _unreachable(url: str, exc: BaseException) -> RemoteError:
+    cause = str(exc) or type(exc).__name__
+    return RemoteError(
+        f"cannot reach worker {url}: {cause}; check that it is running and the address is right",
+        code="worker_lost",
+        retryable=True,
+    )
+
+
+class _AiohttpChannel:
+    """``Channel`` over an aiohttp client WebSocket."""
+
+    def __init__(self, ws: Any, url: str) -> None:
+        self._ws = ws
+        self._url = url
+        self.protocol: str | None = ws.protocol
+
+    async def send(self, data: bytes) -> None:
+        import aiohttp
+
+        try:
+            await self._ws.send_bytes(data)
+        except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
+            raise RemoteError(
+                f"connection to worker {self._url} broke while sending: {exc}", code="worker_lost", retryable=True
+            ) from exc
+
+    async def receive(self) -> bytes | str | None:
+        import aiohttp
+
+        while True:
+            try:
+                msg = await self._ws.receive()
+            except (aiohttp.ClientError, ConnectionError) as exc:
+                client_logger.debug("receive from %s failed: %s", self._url, exc)
+                return None
+            if msg.type is aiohttp.WSMsgType.BINARY:
+                return bytes(msg.data)
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                return str(msg.data)
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+                return None
+            if msg.type is aiohttp.WSMsgType.ERROR:
+                client_logger.debug("WebSocket error from %s: %s", self._url, msg.data)
+                return None
+
+    async def close(self) -> None:
+        await self._ws.close()
+
+    @property
+    def close_code(self) -> int | None:
+        code = self._ws.close_code
+        return None if code is None else int(code)
+
+
+class AiohttpTransport:
+    """The default ``Transport``: one aiohttp ``ClientSession`` (no proxies from the environment)."""
+
+    def __init__(self) -> None:
+        self._session: Any = None
+
+    def _client_session(self) -> Any:
+        import aiohttp
+
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(trust_env=False)
+        return self._session
+
+    async def connect(
+        self, url: str, *, headers: Mapping[str, str], protocols: tuple[str, ...], timeout: Timeout
+    ) -> Channel:
+        import aiohttp
+
+        session = self._client_session()
+        try:
+            async with asyncio.timeout(timeout.connect):
+                ws = await session.ws_connect(
+                    url,
+                    protocols=protocols,
+                    headers=dict(headers),
+                    autoping=True,
+                    max_msg_size=0,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+                )
+        except TimeoutError as exc:
+            raise RemoteTimeoutError(
+                f"connecting to worker {url} took longer than {timeout.connect:g} s", code="worker_lost", retryable=True
+            ) from exc
+        except aiohttp.WSServerHandshakeError as exc:
+            raise _handshake_error(url, exc.status, exc.message) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _unreachable(url, exc) from exc
+        return _AiohttpChannel(ws, url)
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        body: bytes | None = None,
+        timeout: Timeout,
+    ) -> HttpResponse:
+        import aiohttp
+
+        limits = aiohttp.ClientTimeout(total=None, sock_connect=timeout.connect, sock_read=timeout.silence)
+        try:
+            async with self._client_session().request(
+                method, url, data=body, headers=dict(headers), timeout=limits, allow_redirects=False
+            ) as response:
+                data = await response.read()
+                return HttpResponse(response.status, response.content_type, data)
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise RemoteTimeoutError(
+                f"{method} {_redact(url)}: no data from the worker for {timeout.silence:g} s",
+                code="worker_lost",
+                retryable=True,
+            ) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _unreachable(_redact(url), exc) from exc
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _redact(url: str) -> str:
+    return url.split("?", 1)[0]
+
+
+def _handshake_error(url: str, status: int, reason: str) -> RemoteError:
+    if status == 401:
+        return RemoteError(
+            f"worker {url} refused the connection (HTTP 401): the token is missing or wrong",
+            code="unauthorized",
+        )
+    return RemoteError(f"worker {url} refused the WebSocket upgrade: HTTP {status} {reason}", code="internal")
+
+
+# ---------------------------------------------------------------------------- error mapping
+
+_CHILD_CODES = frozenset({"child_crashed", "child_start_failed", "child_protocol_error", "memory_limit"})
+_ROWS = re.compile(r"(\d+) vs (\d+)")
+
+
+def _rebuilt(type_name: str, message: str) -> Exception | None:
+    """A builtin exception of the remote type and message, so ``__cause__`` reads as locally."""
+    cls = getattr(builtins, type_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Exception)):
+        return None
+    try:
+        return cls(message)
+    except TypeError:
+        return None
+
+
+def error_from_reply(
+    error: Error | ErrorInfo,
+    *,
+    where: str,
+    node_id: str | None = None,
+    phase: str | None = None,
+) -> SomaError:
+    """The user-facing exception for a worker's ``Error`` reply or failed ``PlanResult`` (worker.md §5.8).
+
+    ``user_error`` -> ``FilterError`` ("Python <method>() error: <Type>: <msg>", with
+    ``remote_traceback``); ``row_mismatch`` -> ``RowMismatchError``; child deaths and
+    ``memory_limit`` -> ``ChildError`` (``where`` = the worker address); ``timeout`` ->
+    ``ChildTimeoutError``; ``protocol_mismatch``/``bad_message`` -> ``ProtocolError``;
+    anything else -> ``RemoteError("remote: <message>")``. Every result carries ``code``,
+    ``retryable`` and ``node_id``.
+    """
+    code = error.code
+    retryable = error.retryable if isinstance(error, Error) else ERROR_CODES.get(code, ("", False))[1]
+    node = (error.node_id if isinstance(error, ErrorInfo) else None) or node_id
+    details: dict[str, Any] = dict(error.details or {}) if isinstance(error, Error) else {}
+    result: SomaError
+    if code == "user_error":
+        method = (error.method if isinstance(error, ErrorInfo) else None) or str(details.get("method") or "forward")
+        type_name = (error.python_type if isinstance(error, ErrorInfo) else None) or str(
+            details.get("python_type") or "Exception"
+        )
+        message = error.message.removeprefix(f"Python {method}() error: {type_name}: ")
+        traceback = error.traceback if isinstance(error, ErrorInfo) else details.get("traceback")
+        original = _rebuilt(type_name, message)
+        result = FilterError(
+            method,
+            original,
+            node_id=node,
+            phase=phase,
+            type_name=type_name,
+            message=message,
+            remote_traceback=traceback,
+        )
+        result.__cause__ = original
+        return result
+    if code == "row_mismatch":
+        rows = _ROWS.search(error.message)
+        result = (
+            RowMismatchError(int(rows.group(1)), int(rows.group(2))) if rows else SomaConfigError(error.message)
+        )
+    elif code in _CHILD_CODES or code == "timeout":
+        cls = ChildTimeoutError if code == "timeout" else ChildError
+        result = cls(
+            code,
+            error.message,
+            signal=details.get("signal"),
+            exit_code=details.get("exit_code"),
+            rss=details.get("rss"),
+            stderr_tail=str(details.get("stderr_tail") or ""),
+            where=where,
+            node_id=node,
+        )
+    elif code in ("protocol_mismatch", "bad_message"):
+        result = ProtocolError(error.message, code=code, node_id=node, details=details)
+    else:
+        result = RemoteError(error.message, code=code, retryable=retryable, node_id=node, details=details)
+    result.code = code  # type: ignore[attr-defined]
+    result.retryable = retryable  # type: ignore[attr-defined]
+    result.node_id = node  # type: ignore[attr-defined]
+    return result
+
+
+# ---------------------------------------------------------------------------- addresses and versions
+
+
+def http_base(address: str) -> str:
+    """``ws://h:p`` -> ``http://h:p`` (``wss`` -> ``https``), without a trailing slash."""
+    scheme, sep, rest = address.partition("://")
+    if not sep or scheme not in ("ws", "wss", "http", "https"):
+        raise SomaConfigError(f"invalid worker address '{address}'")
+    return f"{'https' if scheme in ('wss', 'https') else 'http'}://{rest.rstrip('/')}"
+
+
+def _ws_base(address: str) -> str:
+    base = http_base(address)
+    return "ws" + base.removeprefix("http")
+
+
+def runtime_versions() -> dict[str, Any]:
+    """What this client runs (``Hello.client`` and a plan's ``runtime``): torch only if already imported."""
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    import cloudpickle
+    import numpy
+
+    try:
+        soma_version = version("soma-runtime")
+    except PackageNotFoundError:  # pragma: no cover - only in an uninstalled source tree
+        soma_version = "0+unknown"
+    torch = sys.modules.get("torch")
+    return {
+        "python": platform.python_version(),
+        "cloudpickle": cloudpickle.__version__,
+        "soma": soma_version,
+        "numpy": numpy.__version__,
+        "torch": getattr(torch, "__version__", None) if torch is not None else None,
+    }
+
+
+def _ref_json(ref: CachedRef | LocalRef) -> str:
+    if isinstance(ref, CachedRef):
+        return json.dumps({"type": "Cached", "cache_key": ref.cache_key})
+    return json.dumps({"type": "Local", "path": ref.path})
+
+
+# ---------------------------------------------------------------------------- the async core
+
+FrameCallback = Callable[[Reply], object]
+_NON_TERMINAL = (Event, JobProgress)
+
+
+@dataclass
+class _Pending:
+    """A request waiting for its terminal reply."""
+
+    request_id: str
+    future: asyncio.Future[Reply]
+    on_frame: FrameCallback | None
+    sent_at: float
+
+
+class AsyncRemoteClient:
+    """The client of one worker: a shared v2 connection, requests multiplexed by id.
+
+    Use it on one event loop. ``request`` connects when needed (after a lost
+    connection too), so a client outlives a worker restart.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        *,
+        timeout: Timeout | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        self.address = _ws_base(address)
+        self.token = token
+        self.timeout = timeout or Timeout()
+        self.state = ClientState.IDLE
+        self.welcome: Welcome | None = None
+        self._http = http_base(address)
+        self._transport: Transport = transport or AiohttpTransport()
+        self._channel: Channel | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[str, _Pending] = {}
+        self._ids = itertools.count(1)
+        self._connect_lock = asyncio.Lock()
+        self._send_lock = asyncio.Lock()
+        self._last_frame = 0.0
+
+    def __repr__(self) -> str:
+        return f"AsyncRemoteClient({self.address!r}, state={self.state.value})"
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    # -- connection ---------------------------------------------------------------------
+
+    async def connect(self) -> Welcome:
+        """Open the connection if needed and return the worker's ``Welcome``.
+
+        Raises ``ProtocolError`` when the worker does not speak wire v2 ("worker too
+        old"), ``RemoteTimeoutError`` past the connect or Welcome limit, ``RemoteError``
+        when the worker cannot be reached or refuses the token.
+        """
+        if self.state is ClientState.CLOSED:
+            raise RemoteError(f"the client of worker {self.address} is closed", code="internal")
+        async with self._connect_lock:
+            if self.state is ClientState.OPEN and self.welcome is not None:
+                return self.welcome
+            self.state = ClientState.CONNECTING
+            try:
+                self.welcome = await self._open()
+            except BaseException:
+                if self.state is ClientState.CONNECTING:
+                    self.state = ClientState.LOST
+                raise
+            self.state = ClientState.OPEN
+            return self.welcome
+
+    async def _open(self) -> Welcome:
+        channel = await self._transport.connect(
+            f"{self.address}/ws", headers=self._headers(), protocols=(SUBPROTOCOL,), timeout=self.timeout
+        )
+        try:
+            if channel.protocol != SUBPROTOCOL:
+                raise ProtocolError(
+                    f"worker too old: {self.address} did not accept the {SUBPROTOCOL} subprotocol "
+                    "(it speaks only the Soma 0.2.43 wire); upgrade the worker",
+                    code="protocol_mismatch",
+                )
+            hello_id = f"h{next(self._ids)}"
+            await channel.send(v2.encode_frame(Hello(client=runtime_versions(), id=hello_id)))
+            try:
+                async with asyncio.timeout(self.timeout.welcome):
+                    data = await channel.receive()
+            except TimeoutError as exc:
+                raise RemoteTimeoutError(
+                    f"worker {self.address} sent no Welcome within {self.timeout.welcome:g} s",
+                    code="worker_lost",
+                    retryable=True,
+                ) from exc
+            if data is None:
+                raise RemoteError(
+                    f"worker {self.address} closed the connection during the handshake "
+                    f"(close code {channel.close_code})",
+                    code="worker_lost",
+                    retryable=True,
+                )
+            reply = self._decode(data)
+            if isinstance(reply, Error):
+                raise error_from_reply(reply, where=self.address)
+            if not isinstance(reply, Welcome):
+                raise ProtocolError(f"worker {self.address} answered Hello with {reply.type}, expected Welcome")
+        except WireError as exc:
+            await channel.close()
+            raise ProtocolError(f"undecodable handshake frame from {self.address}: {exc.message}", code=exc.code) from exc
+        except BaseException:
+            await channel.close()
+            raise
+        self._channel = channel
+        self._last_frame = asyncio.get_running_loop().time()
+        self._reader = asyncio.create_task(self._read_loop(channel), name=f"soma-client-reader {self.address}")
+        return reply
+
+    def _decode(self, data: bytes | str) -> Reply:
+        if isinstance(data, str):
+            raise WireError("bad_message", "the worker sent a text frame on a wire v2 connection")
+        head = v2.read_head(data)
+        try:
+            check_version(head.v, side="client")
+            message = v2.decode_message(head, "client")
+        except WireError as exc:
+            exc.request_id = head.re if isinstance(head.re, str) else None
+            raise
+        if not isinstance(message, Reply):
+            raise WireError("bad_message", f"the worker sent a request ({message.type})")
+        return message
+
+    async def _read_loop(self, channel: Channel) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            data = await channel.receive()
+            if data is None:
+                self._lose(
+                    channel,
+                    RemoteError(
+                        f"the connection to worker {self.address} closed (close code {channel.close_code})",
+                        code="worker_lost",
+                        retryable=True,
+                    ),
+                )
+                return
+            self._last_frame = loop.time()
+            try:
+                reply = self._decode(data)
+            except WireError as exc:
+                error = ProtocolError(f"undecodable frame from worker {self.address}: {exc.message}", code=exc.code)
+                pending = self._pending.get(exc.request_id) if exc.request_id else None
+                if pending is None:
+                    # The frame cannot be attributed, so nothing on this connection can be trusted.
+                    self._lose(channel, error)
+                    return
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+                continue
+            self._dispatch(reply)
+
+    def _dispatch(self, reply: Reply) -> None:
+        if isinstance(reply, Heartbeat):
+            return
+        pending = self._pending.get(reply.re) if reply.re is not None else None
+        if pending is None and isinstance(reply, Error) and reply.re is None and len(self._pending) == 1:
+            pending = next(iter(self._pending.values()))
+        if pending is None:
+            client_logger.debug("dropping %s from %s for no waiting request (re=%r)", reply.type, self.address, reply.re)
+            return
+        if isinstance(reply, _NON_TERMINAL):
+            if pending.on_frame is not None:
+                try:
+                    pending.on_frame(reply)
+                except Exception:
+                    client_logger.exception("frame callback for %s failed", pending.request_id)
+            return
+        if not pending.future.done():
+            pending.future.set_result(reply)
+
+    def _lose(self, channel: Channel, error: RemoteError) -> None:
+        """Mark the connection lost and fail every request waiting on it."""
+        if self._channel is not channel:
+            return
+        self._channel = None
+        if self.state is not ClientState.CLOSED:
+            self.state = ClientState.LOST
+        for pending in list(self._pending.values()):
+            if not pending.future.done():
+                pending.future.set_exception(error)
+        reader, self._reader = self._reader, None
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+        asyncio.get_running_loop().create_task(channel.close())
+        client_logger.info("connection to worker %s lost: %s", self.address, error.error)
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def request(
+        self,
+        message: Request,
+        *,
+        on_frame: FrameCallback | None = None,
+        deadline: float | None | _Default = DEFAULT,
+    ) -> Reply:
+        """Send ``message`` and return its terminal reply; events and progress go to ``on_frame``.
+
+        ``deadline`` bounds the whole call in seconds (``DEFAULT``: ``timeout.request``).
+        An ``Error`` reply raises its mapped exception (:func:`error_from_reply`); a lost
+        or silent worker raises ``RemoteError`` (``worker_lost``); the deadline raises
+        ``RemoteTimeoutError`` after a best-effort ``CancelPlan`` for plans.
+        """
+        limit = self.timeout.request if isinstance(deadline, _Default) else deadline
+        loop = asyncio.get_running_loop()
+        scope = asyncio.timeout(limit)
+        try:
+            async with scope:
+                await self.connect()
+                return await self._exchange(message, on_frame)
+        except TimeoutError as exc:
+            if not scope.expired():
+                raise
+            plan_id = getattr(getattr(message, "plan", None), "plan_id", None)
+            if plan_id is not None and self.state is ClientState.OPEN:
+                loop.create_task(self._cancel_quietly(plan_id))
+            raise RemoteTimeoutError(
+                f"worker {self.address} did not answer {message.type} within {limit:g} s",
+                code="timeout",
+            ) from exc
+
+    async def _exchange(self, message: Request, on_frame: FrameCallback | None) -> Reply:
+        loop = asyncio.get_running_loop()
+        request_id = f"r{next(self._ids)}"
+        try:
+            frame = v2.encode_frame(dataclasses.replace(message, id=request_id))
+        except WireError as exc:
+            raise RemoteError(f"cannot encode {message.type}: {exc.message}", code=exc.code) from exc
+        welcome = self.welcome
+        if welcome is not None and len(frame) > welcome.max_message_bytes:
+            raise RemoteError(
+                f"{message.type} is {len(frame)} bytes, above worker {self.address}'s message limit of "
+                f"{welcome.max_message_bytes} bytes; large values must be uploaded",
+                code="bad_message",
+            )
+        pending = _Pending(request_id, loop.create_future(), on_frame, loop.time())
+        self._pending[request_id] = pending
+        try:
+            channel = self._channel
+            if channel is None:
+                raise RemoteError(f"the connection to worker {self.address} is gone", code="worker_lost", retryable=True)
+            async with self._send_lock:
+                try:
+                    await channel.send(frame)
+                except RemoteError as exc:
+                    self._lose(channel, exc)
+                    raise
+            reply = await self._wait(pending, channel)
+        finally:
+            self._pending.pop(request_id, None)
+        if isinstance(reply, Error):
+            raise error_from_reply(reply, where=self.address)
+        return reply
+
+    async def _wait(self, pending: _Pending, channel: Channel) -> Reply:
+        loop = asyncio.get_running_loop()
+        silence = self.timeout.silence
+        while True:
+            quiet = loop.time() - max(self._last_frame, pending.sent_at)
+            if quiet >= silence:
+                self._lose(
+                    channel,
+                    RemoteError(
+                        f"worker {self.address} sent nothing for {silence:g} s while a request was in flight; "
+                        "it is presumed lost",
+                        code="worker_lost",
+                        retryable=True,
+                    ),
+                )
+            if pending.future.done():
+                return pending.future.result()
+            await asyncio.wait({pending.future}, timeout=silence - quiet)
+
+    async def _cancel_quietly(self, plan_id: str) -> None:
+        try:
+            await asyncio.wait_for(self._exchange(CancelPlan(plan_id=plan_id), None), self.timeout.silence)
+        except (SomaError, TimeoutError) as exc:
+            client_logger.debug("CancelPlan %s on %s: %s", plan_id, self.address, exc)
+
+    async def shutdown(self, reason: str | None = None, *, deadline: float = 1.8) -> None:
+        """Ask the worker to drain and stop; returns at its ``Ack`` without waiting for it to exit."""
+        await self.request(Shutdown(reason=reason), deadline=deadline)
+
+    # -- HTTP -----------------------------------------------------------------------------
+
+    async def upload_frame(self, frame: bytes) -> CachedRef:
+        """Store one encoded value frame (``v2.encode_value_frame``) on the worker; returns its reference."""
+        response = await self._transport.request(
+            "POST",
+            f"{self._http}/upload",
+            headers={**self._headers(), "Content-Type": V2_CONTENT_TYPE},
+            body=frame,
+            timeout=self.timeout,
+        )
+        if response.status != 200:
+            raise _http_error(response, f"upload to {self._http}")
+        try:
+            document = json.loads(response.body)
+            return CachedRef(cache_key=document["cache_key"], size=document.get("size"))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ProtocolError(f"worker {self._http} answered an upload with {response.body[:200]!r}") from exc
+
+    async def upload(self, value: Any) -> CachedRef:
+        """Store ``value`` on the worker (one v2 value frame); returns its reference."""
+        try:
+            frame = v2.encode_value_frame(value)
+        except WireError as exc:
+            raise RemoteError(f"cannot encode a value for upload: {exc.message}", code=exc.code) from exc
+        return await self.upload_frame(frame)
+
+    async def download(self, ref: DataRef) -> Any:
+        """The value a worker stored under ``ref``; raises (never returns ``None``) when it cannot be had."""
+        if not isinstance(ref, CachedRef | LocalRef):
+            raise RemoteError(f"cannot download a {ref.type} reference", code="unsupported_reference")
+        query = urllib.parse.urlencode({"ref": _ref_json(ref)})
+        response = await self._transport.request(
+            "GET",
+            f"{self._http}/download?{query}",
+            headers={**self._headers(), "Accept": V2_CONTENT_TYPE},
+            timeout=self.timeout,
+        )
+        if response.status != 200:
+            raise _http_error(response, f"download of {_ref_json(ref)} from {self._http}")
+        try:
+            return v2.decode_value_frame(response.body, "client")
+        except WireError as exc:
+            raise ProtocolError(f"undecodable download from {self._http}: {exc.message}", code=exc.code) from exc
+
+    async def info(self) -> dict[str, Any]:
+        """The worker's ``GET /info`` document."""
+        response = await self._transport.request("GET", f"{self._http}/info", headers={}, timeout=self.timeout)
+        if response.status != 200:
+            raise _http_error(response, f"GET {self._http}/info")
+        try:
+            document = json.loads(response.body)
+        except ValueError as exc:
+            raise ProtocolError(f"{self._http}/info is not JSON") from exc
+        if not isinstance(document, dict):
+            raise ProtocolError(f"{self._http}/info is not a JSON object")
+        return document
+
+    async def close(self) -> None:
+        """Close the connection and the HTTP session; later requests raise."""
+        self.state = ClientState.CLOSED
+        channel, self._channel = self._channel, None
+        error = RemoteError(f"the client of worker {self.address} was closed", code="internal")
+        for pending in list(self._pending.values()):
+            if not pending.future.done():
+                pending.future.set_exception(error)
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+        if channel is not None:
+            await channel.close()
+        await self._transport.aclose()
+
+
+def _http_error(response: HttpResponse, what: str) -> RemoteError:
+    code, message = "internal", response.body[:300].decode("utf-8", "replace")
+    try:
+        document = json.loads(response.body)
+        if isinstance(document, dict):
+            code = str(document.get("error") or code)
+            message = str(document.get("message") or message)
+    except ValueError:
+        pass
+    if response.status == 401:
+        code = "unauthorized"
+    elif response.status == 404 and code == "internal":
+        code = "unresolved_reference"
+    retryable = ERROR_CODES.get(code, ("", False))[1]
+    return RemoteError(f"{what} failed (HTTP {response.status}): {message}", code=code, retryable=retryable)
+
+
+# ---------------------------------------------------------------------------- the loop thread
+
+
+class _LoopThread:
+    """One private event loop on a daemon thread, where every client of this process runs."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="soma-client-loop", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        if threading.current_thread() is self.thread:
+            coro.close()
+            raise RuntimeError("the synchronous client cannot be called from its own loop thread")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+
+_loop_thread: _LoopThread | None = None
+_loop_lock = threading.Lock()
+
+
+def _loop() -> _LoopThread:
+    global _loop_thread
+    with _loop_lock:
+        if _loop_thread is None:
+            _loop_thread = _LoopThread()
+        return _loop_thread
+
+
+class RemoteClient:
+    """Synchronous face of :class:`AsyncRemoteClient`, run on the client loop thread.
+
+    Safe to call from any thread, including one with a running event loop. Events and
+    progress passed to ``on_frame`` are delivered on the calling thread, in order,
+    before ``request`` returns.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        *,
+        timeout: Timeout | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        self._core = AsyncRemoteClient(address, token, timeout=timeout, transport=transport)
+
+    def __repr__(self) -> str:
+        return f"RemoteClient({self.address!r}, state={self.state.value})"
+
+    def __enter__(self) -> RemoteClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def address(self) -> str:
+        """The worker's ``ws://host:port`` address."""
+        return self._core.address
+
+    @property
+    def state(self) -> ClientState:
+        """The connection state."""
+        return self._core.state
+
+    @property
+    def timeout(self) -> Timeout:
+        """The time limits in force."""
+        return self._core.timeout
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        future = _loop().submit(coro)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def connect(self) -> Welcome:
+        """Connect if needed; the worker's ``Welcome`` (see :meth:`AsyncRemoteClient.connect`)."""
+        return self._call(self._core.connect())
+
+    def request(
+        self,
+        message: Request,
+        *,
+        on_frame: FrameCallback | None = None,
+        deadline: float | None | _Default = DEFAULT,
+    ) -> Reply:
+        """Send ``message``; its terminal reply (see :meth:`AsyncRemoteClient.request`)."""
+        if on_frame is None:
+            return self._call(self._core.request(message, deadline=deadline))
+        inbox: queue.SimpleQueue[Reply | None] = queue.SimpleQueue()
+        future = _loop().submit(self._core.request(message, on_frame=inbox.put, deadline=deadline))
+        future.add_done_callback(lambda _: inbox.put(None))
+        try:
+            while (frame := inbox.get()) is not None:
+                on_frame(frame)
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def upload(self, value: Any) -> CachedRef:
+        """Store ``value`` on the worker; its reference."""
+        return self._call(self._core.upload(value))
+
+    def upload_frame(self, frame: bytes) -> CachedRef:
+        """Store an already encoded value frame on the worker; its reference."""
+        return self._call(self._core.upload_frame(frame))
+
+    def download(self, ref: DataRef) -> Any:
+        """The value stored under ``ref``; raises ``RemoteError`` when it cannot be fetched."""
+        return self._call(self._core.download(ref))
+
+    def info(self) -> dict[str, Any]:
+        """The worker's ``/info`` document."""
+        return self._call(self._core.info())
+
+    def shutdown(self, reason: str | None = None, *, deadline: float = 1.8) -> None:
+        """Send ``Shutdown`` and return at the worker's ``Ack`` (not when it has exited)."""
+        self._call(self._core.shutdown(reason, deadline=deadline))
+
+    def close(self) -> None:
+        """Close the connection; later calls raise."""
+        if self._core.state is not ClientState.CLOSED:
+            self._call(self._core.close())
+
+
+# ---------------------------------------------------------------------------- shared clients
+
+_clients: dict[tuple[str, str | None], RemoteClient] = {}
+_clients_lock = threading.Lock()
+
+
+def client_for(address: str, token: str | None = None) -> RemoteClient:
+    """The process-wide client of the worker at ``address`` with ``token`` (created on first use)."""
+    key = (_ws_base(address), token)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None or client.state is ClientState.CLOSED:
+            client = _clients[key] = RemoteClient(address, token)
+        return client
+
+
+def close_all() -> None:
+    """Close every shared client (also run at interpreter exit)."""
+    with _clients_lock:
+        clients = list(_clients.values())
+        _clients.clear()
+    for client in clients:
+        try:
+            client.close()
+        except SomaError as exc:
+            client_logger.debug("closing %s: %s", client.address, exc)
+
+
+def _forget_after_fork() -> None:
+    # A forked child has no loop thread; its clients and loop must be made afresh.
+    global _loop_thread, _loop_lock, _clients_lock
+    _loop_thread = None
+    _loop_lock = threading.Lock()
+    _clients_lock = threading.Lock()
+    _clients.clear()
+
+
+atexit.register(close_all)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
