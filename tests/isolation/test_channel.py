@@ -274,3 +274,36 @@ def test_restricted_loads_refuses_a_pickled_os_system() -> None:
 def test_restricted_loads_refuses_other_globals(obj: object) -> None:
     with pytest.raises(pickle.UnpicklingError):
         channel.restricted_loads(pickle.dumps(obj, protocol=5), [])
+
+
+def test_received_buffers_can_be_forwarded_on_another_channel() -> None:
+    """A parent relays markers between channels; large buffers included, nothing is unpickled."""
+    small = TorchData(pickle.PickleBuffer(bytearray(b"\x01" * 16)), "float32", (4,))
+    large = Opaque(b"blob", [pickle.PickleBuffer(bytearray(b"\x02" * (6 << 20)))])
+    first_r, first_w = os.pipe()
+    second_r, second_w = os.pipe()
+    try:
+        result: dict[str, object] = {}
+
+        def relay() -> None:
+            received = channel.read_frame(first_r, deadline=time.monotonic() + 10, loads=channel.restricted_loads)
+            channel.write_frame(second_w, received)
+
+        def receive() -> None:
+            result["m"] = channel.read_frame(second_r, deadline=time.monotonic() + 10, loads=channel.restricted_loads)
+
+        threads = [threading.Thread(target=relay), threading.Thread(target=receive)]
+        for thread in threads:
+            thread.start()
+        channel.write_frame(first_w, [small, large])
+        for thread in threads:
+            thread.join(15)
+        relayed_small, relayed_large = result["m"]  # type: ignore[misc]
+        assert bytes(relayed_small.buffer) == b"\x01" * 16 and relayed_small.shape == (4,)
+        assert relayed_large.data == b"blob"
+        (buffer,) = relayed_large.buffers
+        view = memoryview(buffer)
+        assert view.nbytes == 6 << 20 and not view.readonly and bytes(view[:4]) == b"\x02" * 4
+    finally:
+        for fd in (first_r, first_w, second_r, second_w):
+            os.close(fd)

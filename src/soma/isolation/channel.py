@@ -27,7 +27,7 @@ import pickle
 import select
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 __all__ = [
@@ -133,7 +133,7 @@ def read_frame(
     if os.get_blocking(fd):
         os.set_blocking(fd, False)
     header = bytearray(_HEADER.size)
-    _read_into(fd, memoryview(header), deadline, at_boundary=True)
+    _read_exact(fd, [memoryview(header)], deadline, at_boundary=True)
     magic, version, payload_len, count = _HEADER.unpack(header)
     if magic != MAGIC:
         raise FrameError(f"bad frame magic {bytes(magic)!r}, expected {MAGIC!r}")
@@ -143,47 +143,56 @@ def read_frame(
         raise FrameError(f"frame declares {count} buffers, more than the limit of {MAX_BUFFERS}")
     if payload_len > max_frame:
         raise FrameError(f"frame payload of {payload_len} bytes exceeds the limit of {max_frame}")
-    lengths: Sequence[int] = ()
+    lengths: tuple[int, ...] = ()
     if count:
         raw_lengths = bytearray(_LENGTH.size * count)
-        _read_into(fd, memoryview(raw_lengths), deadline)
+        _read_exact(fd, [memoryview(raw_lengths)], deadline)
         lengths = struct.unpack(f"<{count}Q", raw_lengths)
         size = payload_len + sum(lengths)
         if size > max_frame:
             raise FrameError(f"frame of {size} bytes exceeds the limit of {max_frame}")
     payload = bytearray(payload_len)
-    _read_into(fd, memoryview(payload), deadline)
     buffers = [_allocate(n) for n in lengths]
-    for buffer in buffers:
-        _read_into(fd, memoryview(buffer), deadline)
+    _read_exact(fd, [memoryview(payload), *(memoryview(b) for b in buffers)], deadline)
     if loads is None:
         return pickle.loads(payload, buffers=buffers)
     return loads(payload, buffers)
 
 
-def _allocate(size: int) -> bytearray | mmap.mmap:
+def _allocate(size: int) -> bytearray | pickle.PickleBuffer:
     if size < _LARGE_BUFFER or not _MAP_POPULATE:
         return bytearray(size)
     # Faulting the pages in up front, in one kernel call, is about twice as fast as
-    # taking one page fault per 4 KiB while the pipe is read into fresh memory.
-    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_POPULATE)
+    # taking one page fault per 4 KiB while the pipe is read into fresh memory. The
+    # map is wrapped so that it still pickles (out of band) when forwarded.
+    return pickle.PickleBuffer(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_POPULATE))
 
 
-def _read_into(fd: int, view: memoryview, deadline: float | None, *, at_boundary: bool = False) -> None:
-    expected = view.nbytes
-    while view.nbytes:
+def _read_exact(fd: int, views: list[memoryview], deadline: float | None, *, at_boundary: bool = False) -> None:
+    """Fill every view from ``fd``, in order, with as few ``readv`` calls as the data allows."""
+    views = [v for v in views if v.nbytes]
+    expected = sum(v.nbytes for v in views)
+    received = 0
+    start = 0
+    while start < len(views):
         try:
-            n = os.readv(fd, [view])
+            n = os.readv(fd, views[start : start + _IOV_MAX])
         except BlockingIOError:
             _wait(fd, select.POLLIN, deadline)
             continue
         if n == 0:
-            if at_boundary and view.nbytes == expected:
+            if at_boundary and received == 0:
                 raise ChannelClosed("channel closed by the other end")
-            raise ChannelClosed(
-                f"channel closed inside a frame ({expected - view.nbytes} of {expected} bytes of a section read)"
-            )
-        view = view[n:]
+            raise ChannelClosed(f"channel closed inside a frame ({received} of {expected} bytes of a section read)")
+        received += n
+        while n:
+            head = views[start]
+            if n >= head.nbytes:
+                n -= head.nbytes
+                start += 1
+            else:
+                views[start] = head[n:]
+                n = 0
 
 
 class _Spin:
