@@ -1,0 +1,1485 @@
+"""Plan execution on the worker: ``AssignPlan`` from validation to its one terminal reply (worker spec §6).
+
+    run_plan(AssignPlan, conn)
+      1 validate, no side effect ───────────▶ refusal: v1 Failed / v2 Error
+      2 slot (FIFO, --max-queue, --queue-timeout; a session's plan uses the session's)
+        [GPU lease for resources.gpus] ─────▶ busy
+      3 references resolved and pinned (input, y, external, states)
+      4 child checked out (pool key: interpreter, env, GPUs, threads) or the session's child
+        LOAD filters, runtime, seed, states (skipped in a session with the same filters)
+      5 walk: Sequence in order, Parallel members in order, Composite per phase,
+        Cached = Execute on a worker miss, Remote inside a block runs here;
+        per node: cache lookup ─hit─▶ Opaque(blob) ; miss ─▶ FIT / BATCHED_FIT / FORWARD
+        intermediates stay in the child as handles; events stream to the client meanwhile
+      6 outputs and states: inline, or stored and referenced at >= inline_threshold
+      7 child back to the pool (reset) or pinned as a session; pins, GPUs and slot released
+
+Child I/O is blocking (``Child.call`` and ``Pool.checkout`` are synchronous), so it runs on
+the executor's own thread pool and never on the event loop. Cancellation and time limits
+kill the child from the loop (``Child.kill`` works from any thread), which ends the call in
+flight at once. The worker never unpickles user objects: filters, opaque values and cache
+blobs pass through as bytes and markers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import msgpack
+import numpy as np
+
+from soma.errors import SomaConfigError, SomaError
+from soma.isolation.daemon import is_envelope
+from soma.isolation.limits import affinity_for
+from soma.isolation.markers import Handle, Opaque
+from soma.isolation.pool import Pool
+from soma.isolation.process import Child, ChildFailure, ChildSpec
+from soma.log import worker_logger
+from soma.runtime import events as ev
+from soma.wire import v1, v2
+from soma.wire.errors import WireError
+from soma.wire.messages import (
+    ERROR_CODES,
+    Ack,
+    ApplyGradients,
+    AssignPlan,
+    CachedRef,
+    Error,
+    ErrorInfo,
+    Event,
+    FitMode,
+    GetGradients,
+    GetState,
+    GradientsResult,
+    InlineRef,
+    LocalRef,
+    PlanFailure,
+    PlanResult,
+    PlanSuccess,
+    Reply,
+    S3Ref,
+    SerializedFilter,
+    SerializedPlan,
+    SetState,
+    StateResult,
+    StreamRef,
+    ZarrRef,
+    make_error,
+    version_refusal,
+)
+from soma.worker.blobcache import BlobCache, BlobHit
+from soma.worker.config import WorkerConfig, parse_size
+from soma.worker.detect import Detected, Effective, detect_cpus, detect_gpus, detect_ram, effective
+from soma.worker.slots import GpuLease, GpuLeases, Permit, ResourceBusy, Slots
+from soma.worker.store import Pin, Store, StoredValue, StoreError
+
+__all__ = ["SESSION_IDLE_S", "Peer", "PlanExecutor"]
+
+SESSION_IDLE_S = 600.0
+"""Default idle time after which a session ends (``session.idle_s``)."""
+
+_CANCEL_GRACE_S = 0.5
+"""How long a cancelled plan may take to report its own ``cancelled`` failure before one is sent for it."""
+
+_CLOSE_WAIT_S = 5.0
+_STATE_CALL_S = 60.0
+_FIT = "fit"
+_FORWARD = "forward"
+
+T = TypeVar("T")
+
+
+class Peer(Protocol):
+    """What the executor needs from a client connection (``soma.worker.connection.Connection``)."""
+
+    @property
+    def dialect(self) -> str: ...
+
+    async def send(self, msg: Reply, re: str | None = None) -> None: ...
+
+
+class _Metrics(Protocol):
+    """The counters the executor updates (``soma.worker.metrics.WorkerMetrics``)."""
+
+    @property
+    def plan_seconds(self) -> Any: ...
+
+    @property
+    def cache_hits(self) -> Any: ...
+
+    @property
+    def cache_misses(self) -> Any: ...
+
+
+# --------------------------------------------------------------------------- failures
+
+
+class _Refusal(Exception):
+    """A request refused before any side effect (v1 ``Failed``, v2 ``Error``)."""
+
+    def __init__(self, code: str, message: str, *, node_id: str | None = None, details: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.node_id = node_id
+        self.details = details
+
+
+class _Failed(Exception):
+    """A plan failed while executing; ``info`` is its ``PlanResult`` error."""
+
+    def __init__(self, info: ErrorInfo) -> None:
+        super().__init__(info.message)
+        self.info = info
+
+
+def _info(code: str, message: str, **fields: Any) -> ErrorInfo:
+    if code not in ERROR_CODES:
+        code = "internal"
+    return ErrorInfo(code=code, kind=ERROR_CODES[code][0], message=message, **fields)
+
+
+def _code_of(failure: ChildFailure) -> str:
+    """A child failure's wire code: the parent's own protocol slips are ``internal`` (§5.8)."""
+    code = failure.code
+    if code in ("bad_request", "unknown_command") or code not in ERROR_CODES:
+        return "internal"
+    return code
+
+
+# --------------------------------------------------------------------------- validated plans
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One step of the walk: a node (``cached_key`` from a ``Cached`` step) or a composite."""
+
+    node_ids: tuple[str, ...]
+    composite: bool = False
+    cached_key: str | None = None
+
+
+@dataclass(frozen=True)
+class _Resources:
+    threads: int | None = None
+    gpus: int | None = None
+    memory: int | None = None
+
+
+@dataclass
+class _Spec:
+    """A validated plan: what runs, in which order, fed by what, under which limits."""
+
+    plan: SerializedPlan
+    dialect: str
+    units: list[_Unit]
+    order: list[str]
+    preds: dict[str, list[str]]
+    filters: dict[str, SerializedFilter]
+    outputs: list[str]
+    fit: bool
+    y: Any
+    batch_size: int | None
+    budget: float
+    composite_phase: str
+    events: bool
+    logs: bool
+    resources: _Resources
+    keep: bool
+    idle_s: float
+
+    @property
+    def phase(self) -> str:
+        return _FIT if self.fit else _FORWARD
+
+    @property
+    def one_command_composites(self) -> bool:
+        """Whether composites run as one COMPOSITE_FIT/COMPOSITE_FORWARD rather than node by node (§6.3, §6.4)."""
+        if self.dialect == "v1":
+            return True
+        return self.fit and self.composite_phase in ("grad", "all")
+
+    @property
+    def cached(self) -> bool:
+        """Whether the worker cache is used at all (never for v1 plans, §6.5)."""
+        return self.dialect == "v2"
+
+
+def _flatten(plan: Mapping[str, Any], units: list[_Unit]) -> None:
+    kind = plan["type"]
+    if kind == "Empty":
+        return
+    if kind == "Execute":
+        units.append(_Unit((plan["node_id"],)))
+    elif kind == "Cached":
+        units.append(_Unit((plan["node_id"],), cached_key=plan["key"]))
+    elif kind == "Composite":
+        if not plan["node_ids"]:
+            raise _Refusal("bad_plan", "a Composite step names no nodes")
+        units.append(_Unit(tuple(plan["node_ids"]), composite=True))
+    elif kind == "Sequence":
+        for step in plan["steps"]:
+            _flatten(step, units)
+    elif kind == "Parallel":
+        for branch in plan["branches"]:
+            _flatten(branch, units)
+    elif kind == "Remote":
+        _flatten(plan["plan"], units)
+    else:
+        raise _Refusal(
+            "unsupported_plan",
+            f"{kind} steps (node `{plan.get('node_id')}`) are reserved and not executed by this worker",
+            node_id=plan.get("node_id"),
+        )
+
+
+def _resources(raw: Any, caps: Effective) -> _Resources:
+    if raw is None:
+        return _Resources()
+    if not isinstance(raw, dict):
+        raise _Refusal("bad_plan", f"resources must be a map, got {type(raw).__name__}")
+
+    def count(name: str, minimum: int) -> int | None:
+        value = raw.get(name)
+        if value is None:
+            return None
+        if type(value) is not int or value < minimum:
+            raise _Refusal("bad_plan", f"resources.{name} must be an int >= {minimum}, got {value!r}")
+        return value
+
+    cpus, gpus = count("cpus", 1), count("gpus", 0)
+    memory = raw.get("memory")
+    if memory is not None:
+        try:
+            memory = parse_size(memory)
+        except SomaConfigError as exc:
+            raise _Refusal("bad_plan", f"resources.memory: {exc}") from None
+        if memory < 1:
+            raise _Refusal("bad_plan", "resources.memory must be a positive size")
+    if cpus is not None and cpus > caps.cpu_cores:
+        raise _Refusal(
+            "insufficient_resources", f"the plan needs {cpus} CPUs and this worker has {caps.cpu_cores}"
+        )
+    if gpus is not None and gpus > len(caps.gpus):
+        raise _Refusal(
+            "insufficient_resources", f"the plan needs {gpus} GPUs and this worker allows {len(caps.gpus)}"
+        )
+    if memory is not None and memory > caps.ram_bytes:
+        raise _Refusal(
+            "insufficient_resources",
+            f"the plan needs {memory} bytes of memory and this worker has {caps.ram_bytes}",
+        )
+    return _Resources(threads=cpus, gpus=gpus, memory=memory)
+
+
+def _validate(plan: SerializedPlan, dialect: str, caps: Effective, worker_timeout: float) -> _Spec:
+    """Check a plan (worker spec §6.1 step 1) and describe its walk; raises ``_Refusal``."""
+    accepted = (None, 1) if dialect == "v1" else (None, 2)
+    if plan.protocol_version not in accepted:
+        refusal = version_refusal(plan.protocol_version)
+        raise _Refusal(refusal.code, refusal.message, details=refusal.details)
+    filters: dict[str, SerializedFilter] = {}
+    for spec in plan.filters:
+        if spec.node_id in filters:
+            raise _Refusal("bad_plan", f"node `{spec.node_id}` appears twice in filters")
+        filters[spec.node_id] = spec
+    units: list[_Unit] = []
+    _flatten(plan.plan, units)
+    order = [nid for unit in units for nid in unit.node_ids]
+    for nid in order:
+        if nid not in filters:
+            raise _Refusal("unknown_node", f"node `{nid}` not found in graph", node_id=nid)
+    if len(set(order)) != len(order):
+        twice = next(nid for nid in order if order.count(nid) > 1)
+        raise _Refusal("bad_plan", f"node `{twice}` appears twice in the plan", node_id=twice)
+    position = {nid: i for i, nid in enumerate(order)}
+    external = plan.external if dialect == "v2" else {}
+    preds = _predecessors(plan, order, position, external)
+    outputs: list[str] = []
+    if dialect == "v2":
+        outputs = list(dict.fromkeys(plan.outputs))
+        for nid in outputs:
+            if nid not in position:
+                raise _Refusal("bad_plan", f"outputs names `{nid}`, which is not a node of the plan", node_id=nid)
+        if not outputs:
+            feeding = {p for sources in preds.values() for p in sources}
+            outputs = [nid for nid in order if nid not in feeding]
+    elif order:
+        outputs = [order[-1]]
+    fit = isinstance(plan.mode, FitMode)
+    batch_size = plan.mode.batch_size if isinstance(plan.mode, FitMode) else None
+    if batch_size is not None and batch_size < 1:
+        raise _Refusal("bad_plan", f"mode.Fit.batch_size must be >= 1, got {batch_size}")
+    timeout_s = plan.timeout_s
+    if timeout_s is not None and not (timeout_s > 0):
+        raise _Refusal("bad_plan", f"timeout_s must be > 0, got {timeout_s!r}")
+    metadata = plan.metadata if isinstance(plan.metadata, dict) else {}
+    if dialect == "v2":
+        events_opt = plan.events or {}
+        events, logs = events_opt.get("enabled", True) is not False, events_opt.get("logs") is True
+    else:
+        events, logs = metadata.get("soma_events") is True, False
+    session = plan.session or {}
+    idle_s = session.get("idle_s", SESSION_IDLE_S)
+    if isinstance(idle_s, bool) or not isinstance(idle_s, int | float) or not idle_s > 0:
+        raise _Refusal("bad_plan", f"session.idle_s must be a positive number of seconds, got {idle_s!r}")
+    spec = _Spec(
+        plan=plan,
+        dialect=dialect,
+        units=units,
+        order=order,
+        preds=preds,
+        filters=filters,
+        outputs=outputs,
+        fit=fit,
+        y=plan.mode.y if isinstance(plan.mode, FitMode) else None,
+        batch_size=batch_size,
+        budget=min(timeout_s if timeout_s is not None else math.inf, worker_timeout),
+        composite_phase=plan.composite_phase if dialect == "v2" else "all",
+        events=events,
+        logs=logs,
+        resources=_resources(plan.resources, caps) if dialect == "v2" else _Resources(),
+        keep=session.get("keep") is True,
+        idle_s=float(idle_s),
+    )
+    _check_composites(spec)
+    return spec
+
+
+def _predecessors(
+    plan: SerializedPlan, order: list[str], position: dict[str, int], external: Mapping[str, Any]
+) -> dict[str, list[str]]:
+    if plan.edges is None:
+        # Soma 0.2.43 dialect: each node reads the node before it in flattened plan order.
+        return {nid: [order[i - 1]] if i else [] for i, nid in enumerate(order)}
+    preds: dict[str, list[str]] = {nid: [] for nid in order}
+    for src, dst in plan.edges:
+        if dst not in position:
+            raise _Refusal("bad_plan", f"edge {src} -> {dst} ends outside the plan's nodes", node_id=dst)
+        if src in position:
+            if position[src] >= position[dst]:
+                raise _Refusal(
+                    "bad_plan",
+                    f"edge {src} -> {dst} goes against the plan order or closes a cycle",
+                    node_id=dst,
+                )
+        elif src not in external:
+            raise _Refusal(
+                "bad_plan",
+                f"edge {src} -> {dst} starts outside the plan and `{src}` has no value in external",
+                node_id=dst,
+            )
+        if src not in preds[dst]:
+            preds[dst].append(src)
+    return preds
+
+
+def _check_composites(spec: _Spec) -> None:
+    """A composite run as one command must be a chain whose inner outputs nobody else reads."""
+    if not spec.one_command_composites:
+        return
+    readers: dict[str, set[str]] = {}
+    for nid, sources in spec.preds.items():
+        for source in sources:
+            readers.setdefault(source, set()).add(nid)
+    for unit in spec.units:
+        if not unit.composite:
+            continue
+        ids = unit.node_ids
+        for i, nid in enumerate(ids):
+            if i and spec.preds[nid] != [ids[i - 1]]:
+                raise _Refusal("bad_plan", f"composite {list(ids)} is not a chain at `{nid}`", node_id=nid)
+            if i < len(ids) - 1 and (nid in spec.outputs or readers.get(nid, set()) - {ids[i + 1]}):
+                raise _Refusal(
+                    "bad_plan",
+                    f"the output of `{nid}` inside composite {list(ids)} is needed outside it",
+                    node_id=nid,
+                )
+
+
+def _filter_digest(filters: Mapping[str, SerializedFilter]) -> tuple[tuple[str, str, bool, bool], ...]:
+    return tuple(
+        sorted(
+            (f.node_id, hashlib.sha256(f.pickled_filter).hexdigest(), f.trainable, f.differentiable)
+            for f in filters.values()
+        )
+    )
+
+
+def _event(event_type: str, run_id: str, phase: str, **fields: Any) -> dict[str, Any]:
+    return {"event_type": event_type, "ts": time.time(), "run_id": run_id, "phase": phase, **fields}
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+@dataclass(eq=False)
+class _Session:
+    """A child pinned after a ``session.keep`` plan (worker spec §6.8), with the slot it holds."""
+
+    key: tuple[int, str]
+    session_id: str
+    child: Child
+    permit: Permit | None
+    gpu_lease: GpuLease | None
+    digest: tuple[tuple[str, str, bool, bool], ...]
+    idle_s: float
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    timer: asyncio.TimerHandle | None = None
+    ended: bool = False
+
+
+# --------------------------------------------------------------------------- the executor
+
+
+class PlanExecutor:
+    """Runs plans and session messages for the worker's connections (worker spec §6.1–§6.8).
+
+    ``pool`` supplies children, ``store`` resolves references and keeps large results,
+    ``metrics`` (optional) receives plan durations and cache counts. ``capabilities`` are
+    the worker's effective values (CPUs, RAM, allowed GPUs); detected here when not given.
+    Every public coroutine runs on the worker's event loop and returns one terminal reply.
+    """
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        *,
+        pool: Pool,
+        store: Store,
+        metrics: _Metrics | None = None,
+        capabilities: Effective | None = None,
+    ) -> None:
+        self._config = config
+        self._pool = pool
+        self._store = store
+        self._metrics = metrics
+        self._caps = capabilities if capabilities is not None else _detect(config)
+        self._slots = Slots(config.max_concurrent, max_queue=config.max_queue, queue_timeout=config.queue_timeout)
+        self._gpu_ids = tuple(gpu.uuid or str(gpu.index) for gpu in self._caps.gpus)
+        self._gpus = GpuLeases(self._gpu_ids, queue_timeout=config.queue_timeout)
+        self._cache = BlobCache(config.cache_bytes, config.cache_dir)
+        self._threads = max(1, self._caps.cpu_cores // config.max_concurrent)
+        self._affinity = affinity_for(self._caps.cpu_cores) if config.cpus is not None else None
+        self._io = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2 * config.max_concurrent + 4, thread_name_prefix="soma-exec"
+        )
+        self._runs: dict[tuple[int, str], _PlanRun] = {}
+        self._sessions: dict[tuple[int, str], _Session] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._closed = False
+
+    # -- public surface ------------------------------------------------------------------
+
+    @property
+    def cache(self) -> BlobCache:
+        """The worker's blob cache."""
+        return self._cache
+
+    def child_spec(
+        self, *, threads: int | None = None, gpus: Sequence[str] | None = None, memory: int | None = None
+    ) -> ChildSpec:
+        """The ``ChildSpec`` of a plan: ``threads`` (default cpu_cores // max_concurrent), the GPUs it
+        sees (default every allowed one) and its RSS cap (``memory`` and ``--child-memory``, the lower)."""
+        config = self._config
+        limits = [m for m in (memory, config.child_memory) if m is not None]
+        return ChildSpec(
+            interpreter=config.python,
+            env_key="base",
+            cuda_visible_devices=",".join(self._gpu_ids if gpus is None else gpus),
+            threads=threads or self._threads,
+            work_root=str(config.work_dir),
+            memory_limit=min(limits) if limits else None,
+            rlimit_as=config.child_rlimit_as,
+            cpu_affinity=self._affinity,
+            start_timeout=config.child_start_timeout,
+        )
+
+    async def run_plan(self, msg: AssignPlan, conn: Peer) -> Reply:
+        """Run one ``AssignPlan`` and return its terminal reply (``PlanResult``, or a v2 ``Error`` refusal)."""
+        received = time.monotonic()
+        plan = msg.plan
+        dialect = conn.dialect
+        key = (id(conn), plan.plan_id)
+        try:
+            if self._closing:
+                raise _Refusal("shutting_down", "the worker is shutting down; send the plan elsewhere or later")
+            spec = _validate(plan, dialect, self._caps, self._config.timeout)
+            if key in self._runs:
+                raise _Refusal("bad_plan", f"plan {plan.plan_id!r} is already running on this connection")
+            session = self._plan_session(plan, conn, spec)
+        except _Refusal as refusal:
+            worker_logger.info("plan %s refused: %s: %s", plan.plan_id, refusal.code, refusal.message)
+            return self._refusal(msg, dialect, refusal)
+        run = _PlanRun(self, spec, msg, conn, session, received)
+        self._runs[key] = run
+        task = self._spawn(run.execute())
+        try:
+            await asyncio.wait({task, run.cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            run.cancel("the request was abandoned")
+            raise
+        finally:
+            self._runs.pop(key, None)
+        if task.done():
+            return task.result()
+        return run.cancelled_reply()
+
+    async def cancel(self, plan_id: str, conn: Peer) -> bool:
+        """``CancelPlan``: dequeue or kill this connection's plan, or end its session; ``False`` if unknown."""
+        key = (id(conn), plan_id)
+        run = self._runs.get(key)
+        if run is not None:
+            run.cancel("cancelled by the client")
+            return True
+        session = self._sessions.get(key)
+        if session is not None:
+            await self._end_session(session, "cancelled by the client")
+            return True
+        return False
+
+    async def get_state(self, msg: GetState, conn: Peer) -> Reply:
+        """``GetState``: ``GET_STATE`` per node of a session -> ``StateResult``."""
+        session = self._session_of(conn, msg.plan_id)
+        if session is None:
+            return self._unknown_session(msg.plan_id)
+        states: dict[str, Any] = {}
+        async with self._using(session):
+            if session.ended:
+                return self._unknown_session(msg.plan_id)
+            for node_id in msg.node_ids:
+                try:
+                    reply = await self._session_call(session, "GET_STATE", node_id=node_id)
+                except ChildFailure as failure:
+                    return self._message_error(msg.plan_id, failure, node_id)
+                states[node_id] = reply.get("state")
+        try:
+            states = await self._blocking(self._outbound_map, states, conn.dialect)
+        except _Failed as failed:
+            return make_error(failed.info.code, failed.info.message, plan_id=msg.plan_id)
+        return StateResult(worker_id=self._config.worker_id, plan_id=msg.plan_id, states=states)
+
+    async def set_state(self, msg: SetState, conn: Peer) -> Reply:
+        """``SetState``: ``SET_STATE`` per node in order, stopping at the first failure -> ``Ack``."""
+        session = self._session_of(conn, msg.plan_id)
+        if session is None:
+            return self._unknown_session(msg.plan_id)
+        done: list[str] = []
+        async with self._using(session), _Pins(self._store) as pins:
+            if session.ended:
+                return self._unknown_session(msg.plan_id)
+            for node_id, value in msg.states.items():
+                try:
+                    state = await self._blocking(pins.resolve, value, f"state of `{node_id}`")
+                    await self._session_call(session, "SET_STATE", node_id=node_id, state=state)
+                except _Failed as failed:
+                    return self._set_state_error(msg.plan_id, node_id, done, failed.info.code, failed.info.message)
+                except ChildFailure as failure:
+                    return self._set_state_error(msg.plan_id, node_id, done, _code_of(failure), failure.message)
+                done.append(node_id)
+        return Ack(worker_id=self._config.worker_id, plan_id=msg.plan_id)
+
+    async def get_gradients(self, msg: GetGradients, conn: Peer) -> Reply:
+        """``GetGradients``: ``GET_GRADIENTS`` per node -> ``GradientsResult`` (nodes without any in ``missing``)."""
+        session = self._session_of(conn, msg.plan_id)
+        if session is None:
+            return self._unknown_session(msg.plan_id)
+        gradients: dict[str, Any] = {}
+        missing: list[str] = []
+        async with self._using(session):
+            if session.ended:
+                return self._unknown_session(msg.plan_id)
+            for node_id in msg.node_ids:
+                try:
+                    reply = await self._session_call(session, "GET_GRADIENTS", node_id=node_id)
+                except ChildFailure as failure:
+                    if failure.code == "no_gradient":
+                        missing.append(node_id)
+                        continue
+                    return self._message_error(msg.plan_id, failure, node_id)
+                gradients[node_id] = reply.get("gradients", {})
+        try:
+            if conn.dialect == "v2":
+                gradients = {
+                    node_id: await self._blocking(self._outbound_map, grads, "v2")
+                    for node_id, grads in gradients.items()
+                }
+        except _Failed as failed:
+            return make_error(failed.info.code, failed.info.message, plan_id=msg.plan_id)
+        return GradientsResult(
+            worker_id=self._config.worker_id, plan_id=msg.plan_id, gradients=gradients, missing=missing
+        )
+
+    async def apply_gradients(self, msg: ApplyGradients, conn: Peer) -> Reply:
+        """``ApplyGradients``: ``APPLY_GRADIENTS`` per node with its learning rate -> ``Ack``."""
+        session = self._session_of(conn, msg.plan_id)
+        if session is None:
+            return self._unknown_session(msg.plan_id)
+        async with self._using(session), _Pins(self._store) as pins:
+            if session.ended:
+                return self._unknown_session(msg.plan_id)
+            for node_id, grads in msg.gradients.items():
+                lr = msg.lr.get(node_id) if isinstance(msg.lr, dict) else msg.lr
+                try:
+                    resolved = {
+                        name: await self._blocking(pins.resolve, value, f"gradient {name} of `{node_id}`")
+                        for name, value in grads.items()
+                    }
+                    await self._session_call(session, "APPLY_GRADIENTS", node_id=node_id, gradients=resolved, lr=lr)
+                except _Failed as failed:
+                    return make_error(failed.info.code, failed.info.message, plan_id=msg.plan_id)
+                except ChildFailure as failure:
+                    return self._message_error(msg.plan_id, failure, node_id)
+        return Ack(worker_id=self._config.worker_id, plan_id=msg.plan_id)
+
+    async def connection_closed(self, conn: Peer) -> None:
+        """Cancel every plan of ``conn`` and end its sessions (worker spec §6.6)."""
+        owner = id(conn)
+        for key, run in list(self._runs.items()):
+            if key[0] == owner:
+                run.cancel("the connection was closed")
+        for key, session in list(self._sessions.items()):
+            if key[0] == owner:
+                await self._end_session(session, "its connection was closed")
+
+    def status(self) -> dict[str, Any]:
+        """Running plan ids, queue depth, open sessions and free slots (for ``Status`` and ``/metrics``)."""
+        return {
+            "running": [run.plan_id for run in self._runs.values() if run.running],
+            "queue_depth": self._slots.queue_depth,
+            "sessions": len(self._sessions),
+            "free_slots": self._slots.free,
+            "max_concurrent": self._slots.capacity,
+        }
+
+    async def drain(self, drain_s: float) -> None:
+        """Refuse new plans (``shutting_down``), give running ones ``drain_s`` seconds, cancel the rest."""
+        self._closing = True
+        pending = {task for task in self._tasks if not task.done()}
+        if pending and drain_s > 0:
+            await asyncio.wait(pending, timeout=drain_s)
+        for run in list(self._runs.values()):
+            run.cancel("the worker is shutting down")
+        await self._settle()
+
+    async def close(self) -> None:
+        """Cancel every plan, end every session and stop the executor's threads (idempotent)."""
+        if self._closed:
+            return
+        self._closing = True
+        for run in list(self._runs.values()):
+            run.cancel("the worker is shutting down")
+        for session in list(self._sessions.values()):
+            await self._end_session(session, "the worker is shutting down")
+        await self._settle()
+        self._closed = True
+        self._io.shutdown(wait=False, cancel_futures=True)
+
+    # -- helpers shared with _PlanRun --------------------------------------------------------
+
+    async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run blocking work (child I/O, files) on the executor's threads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._io, functools.partial(fn, *args, **kwargs))
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            worker_logger.error("executor task failed", exc_info=task.exception())
+
+    async def _settle(self) -> None:
+        pending = {task for task in self._tasks if not task.done()}
+        if pending:
+            await asyncio.wait(pending, timeout=_CLOSE_WAIT_S)
+
+    def _count_cache(self, hit: bool) -> None:
+        if self._metrics is not None:
+            (self._metrics.cache_hits if hit else self._metrics.cache_misses).inc()
+
+    def _observe_plan(self, seconds: float) -> None:
+        if self._metrics is not None:
+            self._metrics.plan_seconds.observe(seconds)
+
+    def _outbound(self, value: Any, dialect: str, *, state: bool = False) -> Any:
+        """``value`` itself, or a reference to a stored copy when it reaches the inline threshold (§4.5).
+
+        Runs in a thread (encoding and writing). v1 states have no reference slot and stay inline;
+        a value that cannot travel in the dialect raises ``_Failed`` (``encoding_error``).
+        """
+        threshold = self._config.inline_threshold
+        try:
+            if dialect == "v1":
+                if state or v1.encoded_size(value) < threshold:
+                    return value
+                body = json.dumps(v1.encode_value(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+                key = self._store.put_bytes(body.encode(), ".json")
+                return LocalRef(path=str(self._store.path_for(key)))
+            if v2.encoded_size(value) < threshold:
+                return value
+            frame = v2.encode_value_frame(value)
+        except WireError as exc:
+            raise _Failed(_info(exc.code, exc.message)) from None
+        except StoreError as exc:
+            raise _Failed(_info(exc.code, f"a large result could not be stored: {exc}")) from None
+        try:
+            key = self._store.put_bytes(frame, ".soma")
+        except StoreError as exc:
+            raise _Failed(_info(exc.code, f"a large result could not be stored: {exc}")) from None
+        return CachedRef(cache_key=key, size=len(frame))
+
+    def _outbound_map(self, values: Mapping[str, Any], dialect: str) -> dict[str, Any]:
+        """Each value of a state or gradient map by ``_outbound`` (v1 values stay inline)."""
+        if dialect == "v1":
+            return dict(values)
+        return {name: self._outbound(value, dialect) for name, value in values.items()}
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    def _plan_session(self, plan: SerializedPlan, conn: Peer, spec: _Spec) -> _Session | None:
+        if plan.session_id is None:
+            if spec.keep and (id(conn), plan.plan_id) in self._sessions:
+                raise _Refusal("bad_plan", f"a session {plan.plan_id!r} is already open on this connection")
+            return None
+        session = self._session_of(conn, plan.session_id)
+        if session is None:
+            raise _Refusal("unknown_session", self._unknown_session_text(plan.session_id))
+        return session
+
+    def _session_of(self, conn: Peer, session_id: str) -> _Session | None:
+        session = self._sessions.get((id(conn), session_id))
+        if session is None or session.ended:
+            return None
+        return session
+
+    @staticmethod
+    def _unknown_session_text(session_id: str) -> str:
+        return (
+            f"no session {session_id!r} on this connection: it never existed, ended (cancelled, idle, "
+            "child died) or belongs to another connection"
+        )
+
+    def _unknown_session(self, session_id: str) -> Error:
+        return make_error(
+            "unknown_session", self._unknown_session_text(session_id), worker_id=self._config.worker_id, plan_id=session_id
+        )
+
+    @contextlib.asynccontextmanager
+    async def _using(self, session: _Session) -> Any:
+        """Hold a session for one request: one user at a time, idle timer stopped meanwhile."""
+        async with session.lock:
+            if session.timer is not None:
+                session.timer.cancel()
+                session.timer = None
+            try:
+                yield session
+            finally:
+                if not session.ended:
+                    if not session.child.alive:
+                        await self._end_session(session, "its child died")
+                    else:
+                        self._arm_idle_timer(session)
+
+    def _arm_idle_timer(self, session: _Session) -> None:
+        loop = asyncio.get_running_loop()
+        session.timer = loop.call_later(
+            session.idle_s, lambda: self._spawn(self._end_session(session, f"idle for {session.idle_s:g} s"))
+        )
+
+    def _open_session(
+        self, key: tuple[int, str], child: Child, permit: Permit | None, lease: GpuLease | None, spec: _Spec
+    ) -> _Session:
+        """Register a child already pinned in the pool as a session holding ``permit`` and ``lease``."""
+        # Returning a pinned child to the pool stops its memory watch: watch it again.
+        watch = self._pool.memory_watch
+        if watch is not None:
+            watch.register(child, child.spec.memory_limit)
+        session = _Session(
+            key=key,
+            session_id=key[1],
+            child=child,
+            permit=permit,
+            gpu_lease=lease,
+            digest=_filter_digest(spec.filters),
+            idle_s=spec.idle_s,
+        )
+        self._sessions[key] = session
+        self._arm_idle_timer(session)
+        worker_logger.info("session %s opened on child %d", key[1], child.pid)
+        return session
+
+    async def _end_session(self, session: _Session, reason: str) -> None:
+        if session.ended:
+            return
+        session.ended = True
+        if self._sessions.get(session.key) is session:
+            del self._sessions[session.key]
+        if session.timer is not None:
+            session.timer.cancel()
+            session.timer = None
+        worker_logger.info("session %s ended: %s", session.session_id, reason)
+        session.child.kill("cancelled", detail=f"its session ended ({reason})")
+        with contextlib.suppress(SomaConfigError):
+            await self._blocking(self._pool.kill_pinned, session.child, "released")
+        if session.permit is not None:
+            session.permit.release()
+        if session.gpu_lease is not None:
+            session.gpu_lease.release()
+
+    async def _session_call(self, session: _Session, cmd: str, **fields: Any) -> dict[str, Any]:
+        timeout = min(self._config.timeout, _STATE_CALL_S)
+        return await self._blocking(session.child.call, cmd, timeout=timeout, **fields)
+
+    def _message_error(self, session_id: str, failure: ChildFailure, node_id: str) -> Error:
+        return make_error(
+            _code_of(failure),
+            f"node `{node_id}`: {failure.message}",
+            worker_id=self._config.worker_id,
+            plan_id=session_id,
+            details={"node_id": node_id},
+        )
+
+    def _set_state_error(self, session_id: str, node_id: str, done: list[str], code: str, message: str) -> Error:
+        already = ", ".join(f"`{n}`" for n in done) or "none"
+        return make_error(
+            code,
+            f"SetState failed at node `{node_id}` (already set: {already}): {message}",
+            worker_id=self._config.worker_id,
+            plan_id=session_id,
+            details={"node_id": node_id, "set": list(done)},
+        )
+
+    # -- replies -------------------------------------------------------------------------------
+
+    def _refusal(self, msg: AssignPlan, dialect: str, refusal: _Refusal) -> Reply:
+        if dialect == "v1":
+            info = _info(refusal.code, refusal.message, node_id=refusal.node_id)
+            return PlanResult(worker_id=self._config.worker_id, plan_id=msg.plan.plan_id, result=PlanFailure(error=info))
+        details = dict(refusal.details or {})
+        if refusal.node_id is not None:
+            details.setdefault("node_id", refusal.node_id)
+        return make_error(
+            refusal.code,
+            refusal.message,
+            worker_id=self._config.worker_id,
+            plan_id=msg.plan.plan_id,
+            details=details or None,
+        )
+
+
+def _detect(config: WorkerConfig) -> Effective:
+    detected = Detected(cpu_cores=detect_cpus(), ram_bytes=detect_ram(), gpus=tuple(detect_gpus()))
+    return effective(detected, cpus=config.cpus, memory=config.memory, gpus=config.gpus, tags=config.tags)
+
+
+# --------------------------------------------------------------------------- references
+
+
+class _Pins:
+    """Resolves references of one request and keeps their store files pinned until it ends."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._pins: list[Pin] = []
+
+    async def __aenter__(self) -> _Pins:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        for pin in self._pins:
+            pin.release()
+        self._pins.clear()
+
+    def resolve(self, value: Any, what: str) -> Any:
+        """The value a reference names (blocking file I/O), or ``value`` itself if it is none.
+
+        Raises ``_Failed`` with ``forbidden_path``, ``unresolved_reference`` (naming the
+        reference and the places searched), ``unsupported_reference`` or ``encoding_error``.
+        """
+        if isinstance(value, InlineRef):
+            return value.value
+        if isinstance(value, S3Ref | ZarrRef | StreamRef):
+            raise _Failed(
+                _info("unsupported_reference", f"{what}: {value.type} references are not supported by this worker")
+            )
+        try:
+            if isinstance(value, LocalRef):
+                stored = self._store.resolve_local(value.path)
+            elif isinstance(value, CachedRef):
+                stored = self._store.find_cached(value.cache_key)
+            else:
+                return value
+        except StoreError as exc:
+            raise _Failed(_info(exc.code, f"{what}: {exc}")) from None
+        if stored.key is not None:
+            self._pins.append(self._store.pin(stored.key))
+        try:
+            return _decode_stored(stored)
+        except (WireError, ValueError, OSError, msgpack.UnpackException) as exc:
+            raise _Failed(_info("encoding_error", f"{what}: cannot decode {stored.path}: {exc}")) from None
+
+
+def _decode_stored(stored: StoredValue) -> Any:
+    if stored.kind == "npy":
+        return np.asarray(stored.load_array())
+    data = stored.read_bytes()
+    if stored.kind == "soma":
+        return v2.decode_value_frame(data, "worker")
+    if stored.kind == "json":
+        return v1.decode_value(json.loads(data))
+    return v1.decode_value(msgpack.unpackb(data, raw=False, strict_map_key=False))
+
+
+# --------------------------------------------------------------------------- one plan
+
+
+class _PlanRun:
+    """The execution of one validated plan; ``execute`` returns its terminal reply."""
+
+    def __init__(
+        self,
+        executor: PlanExecutor,
+        spec: _Spec,
+        msg: AssignPlan,
+        conn: Peer,
+        session: _Session | None,
+        received: float,
+    ) -> None:
+        self._ex = executor
+        self._config = executor._config
+        self.spec = spec
+        self.msg = msg
+        self.conn = conn
+        self.session = session
+        self.plan_id = spec.plan.plan_id
+        self.run_id = (spec.plan.run_id if spec.dialect == "v2" else None) or self.plan_id
+        self._received = received
+        self._loop = asyncio.get_running_loop()
+        self.cancelled: asyncio.Future[None] = self._loop.create_future()
+        self.cancel_reason: str | None = None
+        self.running = False
+        self._acquiring: asyncio.Task[Any] | None = None
+        self._grace: asyncio.TimerHandle | None = None
+        self._deadline = math.inf
+        self._started = received
+        self.child: Child | None = None
+        self._pins = _Pins(executor._store)
+        self._input: Any = None
+        self._y: Any = None
+        self._external: dict[str, Any] = {}
+        self._given: dict[str, Any] = {}
+        self._values: dict[str, Any] = {}
+        self._summaries: dict[str, str] = {}
+        self._states: dict[str, Any] = {}
+        self._metrics: dict[str, Any] = {}
+        self._want_value = set(spec.outputs)
+        self._target = self._config.advertise or self._config.worker_id
+
+    # -- cancellation ----------------------------------------------------------------------
+
+    def cancel(self, reason: str) -> None:
+        """Dequeue the plan or kill its child; the reply follows within ``_CANCEL_GRACE_S``."""
+        if self.cancel_reason is not None:
+            return
+        self.cancel_reason = reason
+        if self._acquiring is not None and not self._acquiring.done():
+            self._acquiring.cancel()
+        if self.child is not None:
+            self.child.kill("cancelled", detail=reason)
+        self._grace = self._loop.call_later(_CANCEL_GRACE_S, self._give_up)
+
+    def _give_up(self) -> None:
+        if not self.cancelled.done():
+            self.cancelled.set_result(None)
+
+    def _cancelled_info(self) -> ErrorInfo:
+        return _info("cancelled", f"plan {self.plan_id!r} was cancelled: {self.cancel_reason}")
+
+    def cancelled_reply(self) -> Reply:
+        """The reply sent for a cancelled plan that had not yet answered by itself."""
+        return self._failure_reply(self._cancelled_info())
+
+    def _check_cancel(self) -> None:
+        if self.cancel_reason is not None:
+            raise _Failed(self._cancelled_info())
+
+    # -- the lifecycle -----------------------------------------------------------------------
+
+    async def execute(self) -> Reply:
+        try:
+            if self.session is not None:
+                async with self._ex._using(self.session):
+                    return await self._execute_in_session(self.session)
+            return await self._execute_with_slot()
+        except Exception as exc:  # a bug here must still give the plan its one terminal reply
+            worker_logger.exception("plan %s: the executor failed", self.plan_id)
+            return self._failure_reply(_info("internal", f"the worker failed: {type(exc).__name__}: {exc}"))
+        finally:
+            if self._grace is not None:
+                self._grace.cancel()
+
+    async def _execute_with_slot(self) -> Reply:
+        ex = self._ex
+        permit: Permit | None = None
+        lease: GpuLease | None = None
+        try:
+            try:
+                self._acquiring = asyncio.ensure_future(ex._slots.acquire())
+                permit = await self._acquiring
+                if self.spec.resources.gpus:
+                    self._acquiring = asyncio.ensure_future(ex._gpus.acquire(self.spec.resources.gpus))
+                    lease = await self._acquiring
+            except ResourceBusy as exc:
+                return self._busy(str(exc))
+            except asyncio.CancelledError:
+                if self.cancel_reason is None:
+                    raise
+                return self._failure_reply(self._cancelled_info())
+            finally:
+                self._acquiring = None
+            self._begin()
+            reply, pinned = await self._run_pooled(lease)
+            if pinned is not None:
+                ex._open_session((id(self.conn), self.plan_id), pinned, permit, lease, self.spec)
+                permit = lease = None
+            return reply
+        finally:
+            if lease is not None:
+                lease.release()
+            if permit is not None:
+                permit.release()
+
+    def _begin(self) -> None:
+        self.running = True
+        self._started = time.monotonic()
+        self._deadline = self._started + self.spec.budget
+
+    async def _run_pooled(self, lease: GpuLease | None) -> tuple[Reply, Child | None]:
+        """Run on a pooled child; returns the reply and the child if it stays pinned as a session."""
+        ex = self._ex
+        resources = self.spec.resources
+        devices = lease.devices if lease is not None else (() if resources.gpus == 0 else None)
+        checkout = ex._pool.checkout(ex.child_spec(threads=resources.threads, gpus=devices, memory=resources.memory))
+        entered = False
+        pinned: Child | None = None
+        try:
+            await self._resolve_references()
+            self._check_cancel()
+            if self.spec.order:
+                self.child = await ex._blocking(checkout.__enter__)
+                entered = True
+                if self.cancel_reason is not None:
+                    self.child.kill("cancelled", detail=self.cancel_reason)
+                self._check_cancel()
+                self._attach_child()
+                await self._load()
+            reply = await self._walk_and_reply()
+            if self.spec.keep and self.child is not None and self.child.alive:
+                ex._pool.pin(self.child)
+                pinned = self.child
+            return reply, pinned
+        except _Failed as failed:
+            return self._failure_reply(failed.info), None
+        except ChildFailure as failure:  # no child could be started
+            return self._failure_reply(self._child_failure(failure, None)), None
+        except SomaError as exc:  # the pool was closed under the plan
+            return self._failure_reply(_info("shutting_down", str(exc))), None
+        finally:
+            self._pins.release()
+            if entered:
+                self._detach_child()
+                await ex._blocking(checkout.__exit__, None, None, None)
+            self._observe()
+
+    async def _execute_in_session(self, session: _Session) -> Reply:
+        if session.ended or not session.child.alive:
+            await self._ex._end_session(session, "its child died")
+            return self._ex._unknown_session(session.session_id)
+        self._begin()
+        self.child = session.child
+        try:
+            self._check_cancel()
+            await self._resolve_references()
+            self._attach_child()
+            if session.digest == _filter_digest(self.spec.filters):
+                for node_id, state in self._given.items():
+                    await self._call("SET_STATE", node_id, node_id=node_id, state=state)
+            else:
+                await self._load()
+                session.digest = _filter_digest(self.spec.filters)
+            return await self._walk_and_reply()
+        except _Failed as failed:
+            return self._failure_reply(failed.info)
+        finally:
+            self._pins.release()
+            self._detach_child()
+            self._observe()
+
+    def _observe(self) -> None:
+        if self.running:
+            self._ex._observe_plan(time.monotonic() - self._started)
+
+    def _attach_child(self) -> None:
+        child = self.child
+        assert child is not None
+        child.plan_id = self.plan_id
+        if self.spec.logs:
+            child.on_output = self._on_output
+
+    def _detach_child(self) -> None:
+        child = self.child
+        if child is not None:
+            child.plan_id = None
+            child.on_output = self._ex._pool.on_output
+
+    def _busy(self, message: str) -> Reply:
+        if self.spec.dialect == "v1":
+            return self._failure_reply(_info("busy", message))
+        return make_error("busy", message, worker_id=self._config.worker_id, plan_id=self.plan_id)
+
+    # -- preparation ---------------------------------------------------------------------------
+
+    async def _resolve_references(self) -> None:
+        ex = self._ex
+        plan = self.spec.plan
+        self._input = await ex._blocking(self._pins.resolve, plan.input, "input")
+        if self.spec.fit:
+            self._y = await ex._blocking(self._pins.resolve, self.spec.y, "y")
+        for pred, value in plan.external.items() if self.spec.dialect == "v2" else ():
+            self._external[pred] = await ex._blocking(self._pins.resolve, value, f"external output of `{pred}`")
+        for node_id, f in self.spec.filters.items():
+            if f.state is not None:
+                state = await ex._blocking(self._pins.resolve, f.state, f"state of `{node_id}`")
+                if state is not None:
+                    self._given[node_id] = state
+
+    async def _load(self) -> None:
+        runtime = self.spec.plan.runtime
+        load_runtime = None
+        if isinstance(runtime, dict) and isinstance(runtime.get("python"), str) and isinstance(
+            runtime.get("cloudpickle"), str
+        ):
+            load_runtime = {"python": runtime["python"], "cloudpickle": runtime["cloudpickle"]}
+        filters = [
+            {"id": f.node_id, "pickle": f.pickled_filter, "trainable": f.trainable, "differentiable": f.differentiable}
+            for f in self.spec.filters.values()
+        ]
+        await self._call(
+            "LOAD", None, filters=filters, runtime=load_runtime, seed=self.spec.plan.seed, states=self._given
+        )
+
+    # -- child calls and events ------------------------------------------------------------------
+
+    async def _call(self, cmd: str, node: str | None, **fields: Any) -> dict[str, Any]:
+        """One child command within the plan's budget; ``node`` names the node it runs for."""
+        self._check_cancel()
+        child = self.child
+        assert child is not None
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Failed(self._timeout_info(node))
+        progress = self._on_progress if cmd == "BATCHED_FIT" else None
+        try:
+            return await self._ex._blocking(child.call, cmd, timeout=remaining, on_progress=progress, **fields)
+        except ChildFailure as failure:
+            raise _Failed(self._child_failure(failure, node)) from None
+
+    def _timeout_info(self, node_id: str | None) -> ErrorInfo:
+        where = f" while running node `{node_id}`" if node_id is not None else ""
+        return _info(
+            "timeout",
+            f"plan {self.plan_id!r} ran past its time limit of {self.spec.budget:g} s{where}; its child was killed",
+            node_id=node_id,
+        )
+
+    def _child_failure(self, failure: ChildFailure, node_id: str | None) -> ErrorInfo:
+        if self.cancel_reason is not None and failure.code in ("cancelled", "child_crashed"):
+            return self._cancelled_info()
+        error = failure.details.get("error") or {}
+        node = error.get("node_id") or failure.details.get("node_id") or node_id
+        if failure.code == "timeout" and time.monotonic() >= self._deadline - 0.05:
+            return self._timeout_info(node)
+        code = _code_of(failure)
+        if code == "user_error":
+            method = error.get("method")
+            python_type = error.get("type")
+            message = str(error.get("message", failure.message))
+            if self.spec.dialect == "v1":
+                message = f"Python {method or 'user code'}() error: {python_type}: {message}"
+            return _info(
+                code,
+                message,
+                node_id=node,
+                method=method,
+                python_type=python_type,
+                traceback=error.get("traceback"),
+            )
+        return _info(code, failure.message, node_id=node, python_type=error.get("type"))
+
+    async def _emit(self, event: dict[str, Any]) -> None:
+        if not self.spec.events or self.cancel_reason is not None:
+            return
+        message = Event(worker_id=self._config.worker_id, plan_id=self.plan_id, event=event)
+        try:
+            await self.conn.send(message, self.msg.id)
+        except WireError as exc:
+            worker_logger.warning("plan %s: event %s not sent: %s", self.plan_id, event.get("event_type"), exc)
+
+    def _emit_from_thread(self, event: dict[str, Any]) -> None:
+        """Send an event from a child I/O thread, waiting while the client lags (back-pressure, §6.7)."""
+        if not self.spec.events:
+            return
+        future = asyncio.run_coroutine_threadsafe(self._emit(event), self._loop)
+        while True:
+            try:
+                future.result(timeout=0.1)
+                return
+            except TimeoutError:
+                if self.cancel_reason is not None:
+                    future.cancel()
+                    return
+
+    def _on_progress(self, frame: dict[str, Any]) -> None:
+        self._emit_from_thread(
+            ev.batch_progress(
+                self.run_id,
+                self.spec.phase,
+                frame.get("node_id"),
+                int(frame.get("batch", 0)),
+                int(frame.get("n_batches", 0)),
+                int(frame.get("rows", 0)),
+                int(frame.get("total_rows", 0)),
+            )
+        )
+
+    def _on_output(self, stream: str, line: str) -> None:
+        node_id = self.child.node_id if self.child is not None else None
+        self._emit_from_thread(_event("Log", self.run_id, self.spec.phase, node_id=node_id, stream=stream, line=line))
+
+    # -- the walk ----------------------------------------------------------------------------------
+
+    async def _walk_and_reply(self) -> PlanResult:
+        for unit in self.spec.units:
+            if unit.composite and self.spec.one_command_composites:
+                await self._composite(unit.node_ids)
+            else:
+                for node_id in unit.node_ids:
+                    await self._node(node_id, unit.cached_key)
+        output, states = await self._ex._blocking(self._encode_results)
+        now = time.monotonic()
+        success = PlanSuccess(
+            output=output,
+            duration_ms=int((now - self._received) * 1000),
+            states=states,
+            timings={
+                "queue_ms": int((self._started - self._received) * 1000),
+                "env_ms": 0,
+                "exec_ms": int((now - self._started) * 1000),
+            },
+            metrics=self._metrics,
+        )
+        return PlanResult(worker_id=self._config.worker_id, plan_id=self.plan_id, result=success)
+
+    def _input_of(self, node_id: str) -> Any:
+        preds = self.spec.preds[node_id]
+        if not preds:
+            return self._input
+        if len(preds) == 1:
+            return self._value_of(preds[0])
+        return {pred: self._value_of(pred) for pred in preds}
+
+    def _value_of(self, node_id: str) -> Any:
+        return self._values[node_id] if node_id in self._values else self._external[node_id]
+
+    def _keys(self, f: SerializedFilter, cached_key: str | None) -> tuple[str | None, str | None]:
+        if not (self.spec.cached and f.cacheable):
+            return None, None
+        out_key = None if f.differentiable else (cached_key or f.out_key)
+        return f.fit_key, out_key
+
+    async def _lookup(self, node_id: str, key: str, what: str) -> BlobHit | None:
+        hit = await self._ex._blocking(self._ex._cache.get, key)
+        self._ex._count_cache(hit is not None)
+        if hit is not None:
+            await self._emit(
+                ev.node_cache_hit(self.run_id, self.spec.phase, node_id, key, hit.tier, what, hit.load_time_ms)
+            )
+        return hit
+
+    async def _remember(self, key: str, blob: bytes, what: str, node_id: str, summary: str | None) -> None:
+        await self._ex._blocking(self._ex._cache.put, key, blob, kind=what, node_id=node_id, summary=summary)
+
+    async def _node(self, node_id: str, cached_key: str | None) -> None:
+        f = self.spec.filters[node_id]
+        await self._emit(
+            ev.node_started(
+                self.run_id, self.spec.phase, node_id, "Trainable" if f.trainable else "Stateless", self._target
+            )
+        )
+        started = time.perf_counter()
+        try:
+            no_user_code = await self._compute(node_id, f, cached_key)
+        except _Failed as failed:
+            await self._node_failed(node_id, failed, started)
+            raise
+        await self._emit(
+            ev.node_completed(
+                self.run_id,
+                self.spec.phase,
+                node_id,
+                time.perf_counter() - started,
+                no_user_code,
+                self._summaries.get(node_id, "None"),
+            )
+        )
+
+    async def _compute(self, node_id: str, f: SerializedFilter, cached_key: str | None) -> bool:
+        """Produce the node's output (and state, in fit); return whether no user method ran."""
+        x = self._input_of(node_id)
+        fit_key, out_key = self._keys(f, cached_key)
+        give_back = "value" if node_id in self._want_value else "handle"
+        state_field: dict[str, Any] = {}
+        no_user_code = True
+        if self.spec.fit and f.trainable:
+            hit = await self._lookup(node_id, fit_key, "state") if fit_key else None
+            if hit is not None:
+                state = Opaque(hit.blob, [])
+                self._states[node_id] = state
+                state_field["state"] = state
+            elif self.spec.batch_size is not None:
+                reply = await self._call(
+                    "BATCHED_FIT",
+                    node_id,
+                    node_ids=[node_id],
+                    data=x,
+                    y=self._y,
+                    batch_size=self.spec.batch_size,
+                    blob=out_key is not None,
+                    **{"return": give_back},
+                )
+                self._states[node_id] = reply.get("states", {}).get(node_id)
+                await self._keep_output(node_id, reply, out_key)
+                return False
+            else:
+                reply = await self._call("FIT", node_id, node_id=node_id, data=x, y=self._y, blob=fit_key is not None)
+                state = reply.get("result")
+                self._states[node_id] = state
+                no_user_code = False
+                # Parameter owners train their weights in place: their fit states are never cached.
+                if fit_key is not None and reply.get("blob") is not None and not is_envelope(state):
+                    await self._remember(fit_key, reply["blob"], "state", node_id, None)
+        if out_key is not None:
+            hit = await self._lookup(node_id, out_key, "output")
+            if hit is not None:
+                self._values[node_id] = Opaque(hit.blob, [])
+                self._summaries[node_id] = hit.summary or "<cached>"
+                return no_user_code
+        reply = await self._call(
+            "FORWARD", node_id, node_id=node_id, data=x, blob=out_key is not None, **{"return": give_back}, **state_field
+        )
+        await self._keep_output(node_id, reply, out_key)
+        return False
+
+    async def _keep_output(self, node_id: str, reply: Mapping[str, Any], out_key: str | None) -> None:
+        self._values[node_id] = Handle(reply["handle"]) if "handle" in reply else reply.get("result")
+        summary = reply.get("summary")
+        self._summaries[node_id] = summary if isinstance(summary, str) else "None"
+        if out_key is not None and reply.get("blob") is not None:
+            await self._remember(out_key, reply["blob"], "output", node_id, self._summaries[node_id])
+
+    async def _composite(self, node_ids: tuple[str, ...]) -> None:
+        """One COMPOSITE_FIT (fit: v1 phase ``all``, v2 ``grad``/``all``) or COMPOSITE_FORWARD (v1 forward)."""
+        spec = self.spec
+        last = node_ids[-1]
+        for node_id in node_ids:
+            kind = "Trainable" if spec.filters[node_id].trainable else "Stateless"
+            await self._emit(ev.node_started(self.run_id, spec.phase, node_id, kind, self._target))
+        started = time.perf_counter()
+        fields = {
+            "node_ids": list(node_ids),
+            "data": self._input_of(node_ids[0]),
+            "return": "value" if last in self._want_value else "handle",
+        }
+        try:
+            if spec.fit:
+                reply = await self._call("COMPOSITE_FIT", node_ids[0], y=self._y, phase=spec.composite_phase, **fields)
+            else:
+                reply = await self._call("COMPOSITE_FORWARD", node_ids[0], **fields)
+        except _Failed as failed:
+            await self._node_failed(failed.info.node_id or node_ids[0], failed, started)
+            raise
+        await self._keep_output(last, reply, None)
+        if spec.fit:
+            self._states.update(reply.get("states") or {})
+            loss = reply.get("loss")
+            self._metrics["loss"] = loss
+            await self._emit(
+                _event("Training", self.run_id, spec.phase, node_ids=list(node_ids), composite_phase=spec.composite_phase, loss=loss)
+            )
+        duration = time.perf_counter() - started
+        for node_id in node_ids:
+            summary = self._summaries[last] if node_id == last else "<inside composite>"
+            await self._emit(ev.node_completed(self.run_id, spec.phase, node_id, duration, False, summary))
+
+    async def _node_failed(self, node_id: str, failed: _Failed, started: float) -> None:
+        info = failed.info
+        text = info.message
+        if info.code == "user_error" and self.spec.dialect == "v2":
+            text = f"Python {info.method or 'user code'}() error: {info.python_type}: {info.message}"
+        await self._emit(
+            ev.node_failed(
+                self.run_id,
+                self.spec.phase,
+                node_id,
+                text,
+                info.python_type or info.code,
+                time.perf_counter() - started,
+            )
+        )
+
+    # -- results -----------------------------------------------------------------------------------
+
+    def _encode_results(self) -> tuple[Any, dict[str, Any]]:
+        """The output (§6.2) and states (§6.3), each inline or by reference (§4.5). Runs in a thread."""
+        spec = self.spec
+        dialect = spec.dialect
+        if not spec.order:
+            output = None if dialect == "v1" else self._input
+            return self._ex._outbound(output, dialect), {}
+        if len(spec.outputs) == 1:
+            output = self._ex._outbound(self._values[spec.outputs[0]], dialect)
+        else:
+            output = {node_id: self._ex._outbound(self._values[node_id], dialect) for node_id in spec.outputs}
+        states = {
+            node_id: self._ex._outbound(state, dialect, state=True) for node_id, state in self._states.items()
+        }
+        return output, states
+
+    def _failure_reply(self, info: ErrorInfo) -> PlanResult:
+        worker_logger.info("plan %s failed: %s: %s", self.plan_id, info.code, info.message)
+        duration_ms = int((time.monotonic() - self._received) * 1000)
+        return PlanResult(
+            worker_id=self._config.worker_id,
+            plan_id=self.plan_id,
+            result=PlanFailure(error=info, duration_ms=duration_ms),
+        )
