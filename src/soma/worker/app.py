@@ -83,7 +83,6 @@ class WorkerServer:
         self._runner: web.AppRunner | None = None
         self._stop_requested: asyncio.Event | None = None
         self._drain_s: float | None = None
-        self._background: set[asyncio.Task[Any]] = set()
         self.state: WorkerState | None = None
         self.serving: Serving | None = None
 
@@ -108,7 +107,11 @@ class WorkerServer:
             handle_signals=False,
             shutdown_timeout=_RUNNER_SHUTDOWN_S,
         )
-        await runner.setup()
+        try:
+            await runner.setup()
+        except BaseException:
+            await runner.cleanup()  # undoes the resources that did start (store lock, pool)
+            raise
         self._runner = runner
         try:
             site = web.TCPSite(runner, config.host, config.port)
@@ -121,7 +124,9 @@ class WorkerServer:
         port = _bound_port(runner, config.port)
         self.serving = Serving(host=config.host, port=port, worker_id=config.worker_id, summary=caps.summary())
         self._log_started(self.serving)
-        self._spawn(self._prewarm(), "soma-prewarm")
+        # §2.3 step 6: children are warm before the worker reports itself ready (it already
+        # answers /health meanwhile); a failure only costs the first plan its spawn time.
+        await self._prewarm()
         return self.serving
 
     def _log_started(self, serving: Serving) -> None:
@@ -162,11 +167,6 @@ class WorkerServer:
         except Exception as exc:  # a worker that cannot prewarm still serves; plans report the cause
             worker_logger.warning("prewarming %d child(ren) failed: %s", self.config.prewarm, exc)
 
-    def _spawn(self, coroutine: Any, name: str) -> None:
-        task = asyncio.create_task(coroutine, name=name)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     # -- stop --------------------------------------------------------------------------------
 
     def request_stop(self, drain_s: float | None = None, reason: str | None = None) -> None:
@@ -197,8 +197,6 @@ class WorkerServer:
         assert state is not None
         state.start_draining()
         drain = self.config.drain_timeout if self._drain_s is None else min(self._drain_s, self.config.drain_timeout)
-        for task in list(self._background):
-            task.cancel()
         try:
             if state.executor is not None:
                 await state.executor.drain(drain)

@@ -530,7 +530,7 @@ class Connection:
                     return Ack(worker_id=host.worker_id, plan_id=message.plan_id)
                 return make_error(
                     "unknown_plan",
-                    f"no running plan, session, job or stream {message.plan_id!r} on this connection",
+                    f"no running plan, session, job or stream `{message.plan_id}` on this connection",
                     plan_id=message.plan_id,
                 )
             case AssignPlan():

@@ -16,7 +16,7 @@ import contextlib
 import hashlib
 import hmac
 import json
-import mmap
+import os
 import platform
 import re
 import shutil
@@ -72,7 +72,7 @@ MEMORY_WATCH_FRACTION = 0.9
 
 QUERY_TOKEN_WARNING_S = 3600.0
 AUTH_FAILURE_WARNING_S = 60.0
-_UPLOAD_CHUNK = 1 << 20
+_CHUNK = 1 << 20
 _TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&#]*", re.IGNORECASE)
 
 
@@ -413,34 +413,13 @@ def _decode_stored(stored: StoredValue) -> Any:
     if stored.kind == "npy":
         return stored.load_array()
     if stored.kind == "soma":
-        with stored.path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            value = v2.decode_value_frame(memoryview(mapped), "worker")
-            # Views into the map would dangle once it closes; the callers need values, not views.
-            return _detached(value)
+        return v2.decode_value_frame(stored.read_bytes(), "worker")
     data = stored.read_bytes()
     try:
         raw = json.loads(data) if stored.kind == "json" else msgpack.unpackb(data, raw=False, strict_map_key=False)
     except (ValueError, msgpack.UnpackException) as exc:
         raise WireError("bad_message", f"undecodable {stored.kind} value: {exc}") from exc
     return v1.decode_value(raw)
-
-
-def _detached(value: Any) -> Any:
-    import numpy as np
-
-    if isinstance(value, np.ndarray):
-        return np.array(value, copy=True)
-    if isinstance(value, list):
-        return [_detached(item) for item in value]
-    if isinstance(value, tuple):
-        return tuple(_detached(item) for item in value)
-    if isinstance(value, dict):
-        return {key: _detached(item) for key, item in value.items()}
-    if isinstance(value, Opaque):
-        return Opaque(bytes(value.data), [bytes(buffer) for buffer in value.buffers])
-    if isinstance(value, memoryview):
-        return bytes(value)
-    return value
 
 
 def _validate_upload(store: Store, key: str) -> StoredValue:
@@ -466,7 +445,7 @@ async def upload(request: web.Request) -> web.Response:
     if size is not None and size > limit:
         return _json_error(413, "too_large", f"body of {size} bytes exceeds the upload limit of {limit} bytes")
     reader = request.content
-    head = await reader.read(_UPLOAD_CHUNK)
+    head = await reader.read(_CHUNK)
     if not head:
         return _json_error(400, "bad_message", "empty body: upload one encoded value")
     kind = _format_of(request.content_type, head)
@@ -477,7 +456,7 @@ async def upload(request: web.Request) -> web.Response:
             chunk = head
             while chunk:
                 await asyncio.to_thread(pending.write, chunk)
-                chunk = await _read_at_least(reader, _UPLOAD_CHUNK)
+                chunk = await _read_at_least(reader, _CHUNK)
             key = await asyncio.to_thread(pending.commit)
         stored = await asyncio.to_thread(_validate_upload, store, key)
     except StoreError as exc:
@@ -572,6 +551,24 @@ def _converted(value: Any, want_v2: bool) -> bytes:
         raise _NotAcceptable(f"{message}; request Accept: {V2_CONTENT_TYPE}") from exc
 
 
+async def _send_file(
+    request: web.Request, stored: StoredValue, content_type: str, metrics: WorkerMetrics
+) -> web.StreamResponse:
+    """Stream a stored file as is (its pin is held by the caller until the last byte left)."""
+    handle = await asyncio.to_thread(stored.path.open, "rb")
+    try:
+        size = os.fstat(handle.fileno()).st_size
+        response = web.StreamResponse(headers={"Content-Type": content_type, "Content-Length": str(size)})
+        await response.prepare(request)
+        while chunk := await asyncio.to_thread(handle.read, _CHUNK):
+            await response.write(chunk)
+            metrics.bytes_sent.inc(len(chunk))
+        await response.write_eof()
+        return response
+    finally:
+        handle.close()
+
+
 @routes.get("/download")
 async def download(request: web.Request) -> web.StreamResponse:
     """Send a stored value: a v2 frame with ``Accept: application/vnd.soma.v2``, else a v1 JSON ``Value``."""
@@ -595,10 +592,7 @@ async def download(request: web.Request) -> web.StreamResponse:
     pin = await asyncio.to_thread(store.pin, stored.key) if stored.key is not None else None
     try:
         if (stored.kind == "soma" and want_v2) or (stored.kind == "json" and not want_v2):
-            response = web.FileResponse(stored.path, headers={"Content-Type": content_type})
-            await response.prepare(request)
-            state.metrics.bytes_sent.inc(stored.size)
-            return response
+            return await _send_file(request, stored, content_type, state.metrics)
         try:
             body = await asyncio.to_thread(lambda: _converted(_decode_stored(stored), want_v2))
         except _NotAcceptable as exc:
