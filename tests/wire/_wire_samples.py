@@ -38,16 +38,31 @@ def plan(*, v2: bool, value: Any = None) -> m.SerializedPlan:
             "type": "Sequence",
             "steps": [
                 {"type": "Execute", "node_id": "scaler"},
-                {"type": "Parallel", "branches": [{"type": "Cached", "node_id": "d", "key": KEY}, {"type": "Empty"}]},
+                {
+                    "type": "Parallel",
+                    "branches": [{"type": "Cached", "node_id": "d", "key": KEY}, {"type": "Empty"}],
+                },
                 {"type": "Composite", "node_ids": ["a", "b"]},
-                {"type": "Remote", "node_id": "r", "target": "tag:gpu", "plan": {"type": "Execute", "node_id": "r"}},
-                {"type": "Loop", "node_id": "l", "body": {"type": "Execute", "node_id": "l"}, "max_iterations": None},
+                {
+                    "type": "Remote",
+                    "node_id": "r",
+                    "target": "tag:gpu",
+                    "plan": {"type": "Execute", "node_id": "r"},
+                },
+                {
+                    "type": "Loop",
+                    "node_id": "l",
+                    "body": {"type": "Execute", "node_id": "l"},
+                    "max_iterations": None,
+                },
                 {"type": "Branch", "node_id": "br", "arms": [["yes", {"type": "Execute", "node_id": "x"}]]},
             ],
         },
         input=[1.0, 2.0, 3.0] if value is None else value,
         filters=[
-            m.SerializedFilter(node_id="scaler", pickled_filter=b"\x80\x05pickle", state={"mean": [2.0]}, trainable=True),
+            m.SerializedFilter(
+                node_id="scaler", pickled_filter=b"\x80\x05pickle", state={"mean": [2.0]}, trainable=True
+            ),
             m.SerializedFilter(node_id="d", pickled_filter=b"", requirements=["numpy==2.4.6"]),
         ],
         mode=m.FitMode(y=[[1.0, 2.0], [3.0, 4.0]], batch_size=2),
@@ -72,7 +87,12 @@ def plan(*, v2: bool, value: Any = None) -> m.SerializedPlan:
         )
         base["filters"] = [
             dataclasses.replace(
-                base["filters"][0], differentiable=True, cacheable=False, stream_mode="evolving", fit_key=KEY, out_key=None
+                base["filters"][0],
+                differentiable=True,
+                cacheable=False,
+                stream_mode="evolving",
+                fit_key=KEY,
+                out_key=None,
             ),
             base["filters"][1],
         ]
@@ -94,7 +114,9 @@ def job() -> m.PythonPipelineJob:
 
 
 def success(*, v2: bool) -> m.PlanSuccess:
-    extra: dict[str, Any] = dict(timings={"queue_ms": 1, "env_ms": 0, "exec_ms": 5}, metrics={"loss": 0.5}) if v2 else {}
+    extra: dict[str, Any] = (
+        dict(timings={"queue_ms": 1, "env_ms": 0, "exec_ms": 5}, metrics={"loss": 0.5}) if v2 else {}
+    )
     return m.PlanSuccess(output={"a": [1, "x"]}, duration_ms=12, states={"scaler": {"mean": [2.0]}}, **extra)
 
 
@@ -121,8 +143,18 @@ def messages(*, v2: bool) -> list[m.Request | m.Reply]:
     out: list[m.Request | m.Reply] = [
         m.AssignPlan(plan=plan(v2=v2), **rid),
         m.AssignPlan(plan=m.SerializedPlan(plan_id="p", plan={"type": "Empty"}), **rid),
-        m.AssignPlan(plan=m.SerializedPlan(plan_id="p", plan={"type": "Execute", "node_id": "a"}, input=m.LocalRef(path="/tmp/x.json")), **rid),
-        m.AssignPlan(plan=m.SerializedPlan(plan_id="p", plan={"type": "Execute", "node_id": "a"}, input=m.CachedRef(cache_key=KEY)), **rid),
+        m.AssignPlan(
+            plan=m.SerializedPlan(
+                plan_id="p", plan={"type": "Execute", "node_id": "a"}, input=m.LocalRef(path="/tmp/x.json")
+            ),
+            **rid,
+        ),
+        m.AssignPlan(
+            plan=m.SerializedPlan(
+                plan_id="p", plan={"type": "Execute", "node_id": "a"}, input=m.CachedRef(cache_key=KEY)
+            ),
+            **rid,
+        ),
         m.CancelPlan(plan_id="p", **rid),
         m.StatusRequest(**rid),
         m.Ping(**rid),
@@ -140,13 +172,34 @@ def messages(*, v2: bool) -> list[m.Request | m.Reply]:
         m.StreamEnd(stream_id="st", **rid),
         m.PlanResult(worker_id="w1", plan_id="p", result=success(v2=v2), **rre),
         m.PlanResult(worker_id="w1", plan_id="p", result=failure(v2=v2), **rre),
-        m.PlanResult(worker_id="w1", plan_id="p", result=m.PlanSuccess(output=m.CachedRef(cache_key=KEY)), **rre),
-        m.Event(worker_id="w1", plan_id="p", event={"event_type": "NodeCompleted", "node_id": "a", "duration": 3}, **rre),
-        m.JobProgress(worker_id="w1", job_id="job-1", phase="environment", step=1, total=4, metrics=None, **rre),
-        m.JobProgress(worker_id="w1", job_id="job-1", phase="metrics", step=3, total=4, metrics={"loss": 0.1}, **rre),
-        m.JobResult(worker_id="w1", job_id="job-1", success=True, metrics={"acc": 1}, output="done\n", duration_ms=40, **rre),
+        m.PlanResult(
+            worker_id="w1", plan_id="p", result=m.PlanSuccess(output=m.CachedRef(cache_key=KEY)), **rre
+        ),
+        m.Event(
+            worker_id="w1",
+            plan_id="p",
+            event={"event_type": "NodeCompleted", "node_id": "a", "duration": 3},
+            **rre,
+        ),
+        m.JobProgress(
+            worker_id="w1", job_id="job-1", phase="environment", step=1, total=4, metrics=None, **rre
+        ),
+        m.JobProgress(
+            worker_id="w1", job_id="job-1", phase="metrics", step=3, total=4, metrics={"loss": 0.1}, **rre
+        ),
+        m.JobResult(
+            worker_id="w1",
+            job_id="job-1",
+            success=True,
+            metrics={"acc": 1},
+            output="done\n",
+            duration_ms=40,
+            **rre,
+        ),
         m.StateResult(worker_id="w1", plan_id="sess-1", states={"a": {"w": [1.0]}}, **rre),
-        m.GradientsResult(worker_id="w1", plan_id="sess-1", gradients={"a": {"w": [1.0, 2.0]}}, missing=["b"], **rre),
+        m.GradientsResult(
+            worker_id="w1", plan_id="sess-1", gradients={"a": {"w": [1.0, 2.0]}}, missing=["b"], **rre
+        ),
         m.ChunkResult(stream_id="st", chunk_index=1, value=[3.0], buffered=False, **rre),
         m.ChunkResult(stream_id="st", chunk_index=2, value=None, buffered=True, **rre),
         m.StreamComplete(stream_id="st", result=success(v2=v2), chunks=3, **rre),
@@ -154,7 +207,9 @@ def messages(*, v2: bool) -> list[m.Request | m.Reply]:
         m.Ack(worker_id="w1", plan_id="p", **rre),
         m.Ack(worker_id="w1", **rre),
         m.Pong(**rre),
-        m.make_error("unknown_stream", "stream `st` is unknown", worker_id="w1", stream_id="st", chunk_index=4, **rre),
+        m.make_error(
+            "unknown_stream", "stream `st` is unknown", worker_id="w1", stream_id="st", chunk_index=4, **rre
+        ),
         m.make_error("busy", "all 4 slots busy", worker_id="w1", plan_id="p", details={"queue": 64}, **rre),
         m.Register(worker_id="w1", capabilities=CAPS, load=LOAD, **rre),
         m.Register(worker_id="w1", capabilities=CAPS, **rre),
@@ -172,7 +227,9 @@ def messages(*, v2: bool) -> list[m.Request | m.Reply]:
                 max_message_bytes=256 * 2**20,
                 **rre,
             ),
-            m.Status(worker_id="w1", capabilities=CAPS, load=LOAD, running=1, queue_depth=2, sessions=0, **rre),
+            m.Status(
+                worker_id="w1", capabilities=CAPS, load=LOAD, running=1, queue_depth=2, sessions=0, **rre
+            ),
         ]
     else:
         out += [m.Registered(worker_id="w1"), m.ShutdownAck()]
@@ -190,11 +247,13 @@ def same(a: Any, b: Any) -> bool:
     if isinstance(a, np.generic):
         return a.dtype == b.dtype and a.tobytes() == b.tobytes()
     if isinstance(a, list | tuple):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
         return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
     if isinstance(a, Opaque):
-        return bytes(a.data) == bytes(b.data) and [bytes(x) for x in a.buffers] == [bytes(y) for y in b.buffers]
+        return bytes(a.data) == bytes(b.data) and [bytes(x) for x in a.buffers] == [
+            bytes(y) for y in b.buffers
+        ]
     if isinstance(a, TorchData):
         return a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and bytes(a.buffer) == bytes(b.buffer)
     if dataclasses.is_dataclass(a) and not isinstance(a, type):

@@ -9,6 +9,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+from _wire_samples import messages, same
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -16,7 +17,6 @@ from hypothesis.extra import numpy as hnp
 from soma.isolation.markers import Opaque
 from soma.wire import messages as m
 from soma.wire import v1, v2
-from _wire_samples import messages, same
 
 V1_SAMPLES = messages(v2=False)
 V2_SAMPLES = messages(v2=True)
@@ -74,7 +74,9 @@ _DTYPES = st.sampled_from(
     ["<f8", "<f4", "<f2", ">f8", "<i8", "|i1", "<u2", "|b1", "<c16", "<U3", "|S2", "<M8[ns]", "<m8[s]"]
 )
 _ARRAYS = _DTYPES.flatmap(
-    lambda dtype: hnp.arrays(dtype=np.dtype(dtype), shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=3))
+    lambda dtype: hnp.arrays(
+        dtype=np.dtype(dtype), shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=3)
+    )
 )
 _SCALARS = st.one_of(
     st.none(),
@@ -89,7 +91,11 @@ _SCALARS = st.one_of(
     _ARRAYS,
     _ARRAYS.filter(lambda a: a.size > 0).map(lambda a: a.reshape(-1)[0]),
 )
-_KEYS = st.one_of(st.text(max_size=4), st.integers(min_value=-(2**66), max_value=2**66), st.tuples(st.integers(), st.text(max_size=2)))
+_KEYS = st.one_of(
+    st.text(max_size=4),
+    st.integers(min_value=-(2**66), max_value=2**66),
+    st.tuples(st.integers(), st.text(max_size=2)),
+)
 VALUES = st.recursive(
     _SCALARS,
     lambda children: st.one_of(
@@ -131,8 +137,16 @@ def test_value_frames_round_trip_and_encoded_size_bounds_them(value: Any) -> Non
 
 
 _JSON = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=5)),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=4), children, max_size=3),
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=5),
+    ),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=4), children, max_size=3)
+    ),
     max_leaves=10,
 )
 

@@ -58,7 +58,9 @@ class Codec:
             raise ValueError(f"unknown side {side!r}; use 'worker' or 'client'")
         self.dialect: Dialect = dialect
         self.side: Side = side
-        self.require_hello = (dialect == "v2" and side == "worker") if require_hello is None else require_hello
+        self.require_hello = (
+            (dialect == "v2" and side == "worker") if require_hello is None else require_hello
+        )
         self.hello_seen = False
 
     def __repr__(self) -> str:

@@ -1,27 +1,21 @@
-"""Message types of the worker wire protocol (worker.md §5.5–§5.8), independent of any encoding.
+"""Message types of the worker wire protocol (worker.md §5.5-§5.8), independent of any encoding.
 
 Every message is a frozen dataclass tagged by a ``type`` literal. Requests (client ->
 worker) carry the v2 correlation ``id``, replies (worker -> client) the ``re`` of the
 request they answer; neither travels on v1, which correlates by plan, job or stream id.
 
-The codecs (``soma.wire.v1``, ``soma.wire.v2``) share one schema walker,
-:func:`record_to_map` / :func:`record_from_map`: plain fields are checked against
-their type hints, and fields whose meaning differs between dialects (user values,
-states, plans, modes, results, pickles, cache keys) are marked with a ``kind`` the
-codec converts. Unknown keys are ignored and logged at DEBUG, as §5.1 asks.
+Fields whose meaning differs between dialects (user values, states, plans, modes,
+results, pickles, cache keys) carry a ``kind`` in their metadata, which the codecs
+convert; ``soma.wire.schema`` maps every other field as plain data.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol, TypeAlias
+from typing import Any, ClassVar, Literal, TypeAlias
 
-from soma.log import wire_logger
 from soma.wire.errors import WireError
 
 __all__ = [
@@ -50,7 +44,6 @@ __all__ = [
     "Error",
     "ErrorInfo",
     "Event",
-    "FieldCodec",
     "FitMode",
     "GetGradients",
     "GetState",
@@ -95,11 +88,8 @@ __all__ = [
     "check_plan_id",
     "error_reply",
     "make_error",
-    "record_from_map",
-    "record_to_map",
     "validate_plan",
     "version_refusal",
-    "wire_fields",
 ]
 
 #: A value whose encoded size reaches this many bytes travels by reference (§4.5).
@@ -120,15 +110,11 @@ ERROR_CODES: dict[str, tuple[str, bool]] = {
     **dict.fromkeys(
         ("unknown_plan", "unknown_session", "unknown_stream", "unknown_node"), ("Protocol", False)
     ),
-    **dict.fromkeys(
-        ("unresolved_reference", "unsupported_reference", "encoding_error"), ("Encoding", False)
-    ),
+    **dict.fromkeys(("unresolved_reference", "unsupported_reference", "encoding_error"), ("Encoding", False)),
     **dict.fromkeys(
         ("env_failed", "env_timeout", "runtime_mismatch", "insufficient_resources"), ("Env", False)
     ),
-    **dict.fromkeys(
-        ("child_start_failed", "child_crashed", "child_protocol_error"), ("Python", True)
-    ),
+    **dict.fromkeys(("child_start_failed", "child_crashed", "child_protocol_error"), ("Python", True)),
     **dict.fromkeys(
         (
             "user_error",
@@ -754,14 +740,12 @@ WORKER_MESSAGES: dict[str, type[Reply]] = {
         Error,
     )
 }
-MESSAGE_TYPES: dict[str, type[Record]] = {**CLIENT_MESSAGES, **WORKER_MESSAGES}
+MESSAGE_TYPES: dict[str, type[Request] | type[Reply]] = {**CLIENT_MESSAGES, **WORKER_MESSAGES}
 #: Types each dialect knows; anything else is ``bad_message`` there.
 V1_MESSAGES = frozenset(MESSAGE_TYPES) - {"Hello", "Welcome", "Status"}
 V2_MESSAGES = frozenset(MESSAGE_TYPES) - {"Registered", "ShutdownAck"}
 #: The v1 stream sub-protocol (§6.9), which travels in binary msgpack frames.
-STREAM_MESSAGES = frozenset(
-    {"StreamBegin", "ChunkData", "StreamEnd", "ChunkResult", "StreamComplete"}
-)
+STREAM_MESSAGES = frozenset({"StreamBegin", "ChunkData", "StreamEnd", "ChunkResult", "StreamComplete"})
 
 
 def make_error(code: str, message: str, **fields: Any) -> Error:
@@ -876,148 +860,6 @@ def check_plan_id(plan_id: str, path: str = "plan.plan_id") -> None:
     """Refuse a v2 plan id outside ``[A-Za-z0-9._:-]{1,128}`` (§5.6) with ``bad_plan``."""
     if not _PLAN_ID.fullmatch(plan_id):
         raise WireError("bad_plan", f"{path}: {plan_id!r} is not a valid plan id ([A-Za-z0-9._:-]{{1,128}})")
-
-
-# --------------------------------------------------------------------------- schema walker
-
-
-class FieldCodec(Protocol):
-    """What a dialect supplies to the schema walker."""
-
-    dialect: Literal["v1", "v2"]
-    #: Whether records may arrive as positional arrays (Soma 0.2.43 msgpack).
-    positional: bool
-
-    def encode_field(self, kind: str, value: Any, path: str) -> Any:
-        """Convert a field marked ``kind`` to its wire form."""
-        ...
-
-    def decode_field(self, kind: str, raw: Any, path: str) -> Any:
-        """Convert the wire form of a field marked ``kind`` back."""
-        ...
-
-
-def wire_fields(cls: type[Record], dialect: str) -> list[dataclasses.Field[Any]]:
-    """The fields of ``cls`` that travel in ``dialect``, in wire order (``id``/``re`` excluded)."""
-    return [
-        f
-        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-        if f.name not in ("id", "re") and f.metadata.get("only") in (None, dialect)
-    ]
-
-
-@functools.cache
-def _hints(cls: type[Record]) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def record_to_map(record: Record, codec: FieldCodec, path: str = "") -> dict[str, Any]:
-    """The wire map of a record, in field order, without ``type``, ``id`` or ``re``."""
-    out: dict[str, Any] = {}
-    for f in wire_fields(type(record), codec.dialect):
-        value = getattr(record, f.name)
-        if value is None and f.metadata.get("optional"):
-            continue
-        kind = f.metadata.get("kind")
-        where = f"{path}.{f.name}" if path else f.name
-        out[f.name] = codec.encode_field(kind, value, where) if kind else _plain_out(value, codec, where)
-    return out
-
-
-def _plain_out(value: Any, codec: FieldCodec, path: str) -> Any:
-    if isinstance(value, Record):
-        return record_to_map(value, codec, path)
-    if isinstance(value, list | tuple):
-        return [_plain_out(item, codec, f"{path}[{i}]") for i, item in enumerate(value)]
-    return value
-
-
-def record_from_map(cls: type[Record], data: Any, codec: FieldCodec, path: str = "") -> Any:
-    """Build ``cls`` from its wire map (or positional array where the codec allows it).
-
-    Missing required fields and ill-typed plain fields raise ``WireError("bad_message")``;
-    unknown keys are ignored with a DEBUG log.
-    """
-    known = wire_fields(cls, codec.dialect)
-    if codec.positional and isinstance(data, list):
-        if len(data) > len(known):
-            raise WireError("bad_message", f"{path or cls.__name__}: too many positional fields")
-        data = {f.name: item for f, item in zip(known, data)}
-    if not isinstance(data, dict):
-        raise WireError("bad_message", f"{path or cls.__name__}: expected a map, got {_type_name(data)}")
-    hints = _hints(cls)
-    kwargs: dict[str, Any] = {}
-    for f in known:
-        where = f"{path}.{f.name}" if path else f.name
-        if f.name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise WireError("bad_message", f"{where}: missing in {cls.__name__}")
-            continue
-        raw = data[f.name]
-        kind = f.metadata.get("kind")
-        if raw is None and f.metadata.get("optional"):
-            kwargs[f.name] = None
-        elif kind:
-            kwargs[f.name] = codec.decode_field(kind, raw, where)
-        else:
-            kwargs[f.name] = _conform(raw, hints[f.name], codec, where)
-    unknown = [key for key in data if key not in {f.name for f in known}]
-    if unknown:
-        wire_logger.debug("ignoring unknown keys %s in %s", unknown, path or cls.__name__)
-    return cls(**kwargs)
-
-
-def _conform(raw: Any, hint: Any, codec: FieldCodec, path: str) -> Any:
-    """Check ``raw`` against a type hint, converting lists to tuples and ints to floats."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is Any:
-        return raw
-    if origin in (typing.Union, types.UnionType):
-        if raw is None and type(None) in args:
-            return None
-        failures = []
-        for arm in args:
-            if arm is type(None):
-                continue
-            try:
-                return _conform(raw, arm, codec, path)
-            except WireError as exc:
-                failures.append(exc.message)
-        raise WireError("bad_message", failures[0] if len(failures) == 1 else f"{path}: unexpected {_type_name(raw)}")
-    if origin is Literal:
-        if raw in args and type(raw) in {type(a) for a in args}:
-            return raw
-        raise WireError("bad_message", f"{path}: expected one of {list(args)}, got {raw!r}")
-    if origin is list:
-        if not isinstance(raw, list):
-            raise WireError("bad_message", f"{path}: expected a list, got {_type_name(raw)}")
-        return [_conform(item, args[0], codec, f"{path}[{i}]") for i, item in enumerate(raw)]
-    if origin is tuple:
-        if not isinstance(raw, list | tuple) or len(raw) != len(args):
-            raise WireError("bad_message", f"{path}: expected a list of {len(args)} items")
-        return tuple(_conform(item, arm, codec, f"{path}[{i}]") for i, (item, arm) in enumerate(zip(raw, args)))
-    if origin is dict:
-        if not isinstance(raw, dict):
-            raise WireError("bad_message", f"{path}: expected a map, got {_type_name(raw)}")
-        return {
-            _conform(key, args[0], codec, f"{path} key"): _conform(value, args[1], codec, f"{path}[{key!r}]")
-            for key, value in raw.items()
-        }
-    if isinstance(hint, type) and issubclass(hint, Record):
-        return record_from_map(hint, raw, codec, path)
-    if hint is float:
-        if type(raw) in (int, float):
-            return float(raw)
-    elif hint is int:
-        if type(raw) is int:
-            return raw
-    elif hint in (str, bool, bytes):
-        if type(raw) is hint:
-            return raw
-    else:  # pragma: no cover - a schema declaring a type the walker does not know
-        raise TypeError(f"unsupported field type {hint!r} at {path}")
-    raise WireError("bad_message", f"{path}: expected {hint.__name__}, got {_type_name(raw)}")
 
 
 def _type_name(value: Any) -> str:

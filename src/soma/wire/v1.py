@@ -27,6 +27,7 @@ from soma.wire.messages import (
     DATA_REFS,
     ERROR_CODES,
     MESSAGE_TYPES,
+    STREAM_MESSAGES,
     V1_MESSAGES,
     CachedRef,
     ErrorInfo,
@@ -41,12 +42,9 @@ from soma.wire.messages import (
     S3Ref,
     StreamRef,
     ZarrRef,
-    STREAM_MESSAGES,
-    record_from_map,
-    record_to_map,
     validate_plan,
-    wire_fields,
 )
+from soma.wire.schema import record_from_map, record_to_map, wire_fields
 
 __all__ = [
     "PICKLE_MAGIC",
@@ -133,9 +131,7 @@ def _tensor(array: np.ndarray[Any, Any], path: str) -> dict[str, Any]:
 
 
 def _nonfinite_error(path: str) -> WireError:
-    return WireError(
-        "encoding_error", f"non-finite value at {path} cannot travel over wire v1; use wire v2"
-    )
+    return WireError("encoding_error", f"non-finite value at {path} cannot travel over wire v1; use wire v2")
 
 
 def _pickled(value: Any, path: str) -> dict[str, Any]:
@@ -143,7 +139,8 @@ def _pickled(value: Any, path: str) -> dict[str, Any]:
         if value.buffers:
             raise WireError(
                 "encoding_error",
-                f"opaque object at {path} has out-of-band buffers and cannot travel over wire v1; use wire v2",
+                f"opaque object at {path} has out-of-band buffers and cannot travel over wire v1; "
+                "use wire v2",
             )
         payload = bytes(value.data)
     else:
@@ -291,6 +288,7 @@ def decode_value(data: Any, path: str = "value") -> Any:
     ``bytes`` (or an ``Opaque`` marker for pickle-magic payloads), ``Empty`` None.
     Accepts Soma 0.2.43 positional arrays (``["Tensor", [values, shape]]``) as well.
     """
+    tag: Any
     if isinstance(data, list) and data and isinstance(data[0], str):
         tag, payload, has_payload = data[0], data[1] if len(data) > 1 else None, len(data) > 1
     elif isinstance(data, dict):
@@ -334,7 +332,8 @@ def _tensor_lists(payload: Any, path: str) -> Any:
         raise WireError("bad_message", f"{path}: Tensor shape must be a list of non-negative ints")
     if math.prod(shape) != len(values):
         raise WireError(
-            "bad_message", f"{path}: Tensor has {len(values)} values but shape {shape} needs {math.prod(shape)}"
+            "bad_message",
+            f"{path}: Tensor has {len(values)} values but shape {shape} needs {math.prod(shape)}",
         )
     try:
         # numpy reads None as NaN in a float array: the 0.2.43 encoding of NaN and ±inf
@@ -363,6 +362,7 @@ def _ref_out(ref: Record, codec: _V1Fields, path: str) -> dict[str, Any]:
 
 
 def _ref_in(data: Any, codec: _V1Fields, path: str) -> Any:
+    tag: Any
     if codec.positional and isinstance(data, list) and data and isinstance(data[0], str):
         tag, data = data[0], data[1:]
     elif isinstance(data, dict):
@@ -399,7 +399,9 @@ def _plan_out(plan: dict[str, Any]) -> Any:
             return {"Cached": {"node_id": plan["node_id"], "key": list(bytes.fromhex(plan["key"]))}}
         case "Loop":
             body = _plan_out(plan["body"])
-            return {"Loop": {"node_id": plan["node_id"], "body": body, "max_iterations": plan["max_iterations"]}}
+            return {
+                "Loop": {"node_id": plan["node_id"], "body": body, "max_iterations": plan["max_iterations"]}
+            }
         case "Branch":
             arms = [[label, _plan_out(arm)] for label, arm in plan["arms"]]
             return {"Branch": {"node_id": plan["node_id"], "arms": arms}}
@@ -448,7 +450,7 @@ def _plan_in(data: Any, path: str, positional: bool) -> dict[str, Any]:
     if names is None:
         raise WireError("bad_plan", f"{path}: unknown plan variant {variant!r}")
     if positional and isinstance(body, list) and len(body) <= len(names):
-        body = dict(zip(names, body))
+        body = dict(zip(names, body, strict=False))
     if not isinstance(body, dict):
         raise WireError("bad_plan", f"{path}.{variant}: expected a map")
     out: dict[str, Any] = {"type": variant, **{name: body.get(name) for name in names}}
@@ -553,7 +555,7 @@ class _V1Fields:
                     return "Forward"
                 if isinstance(raw, dict) and set(raw) == {"Fit"}:
                     return record_from_map(FitMode, raw["Fit"], self, f"{path}.Fit")
-                raise WireError("bad_message", f"{path}: expected \"Forward\" or {{\"Fit\": ...}}")
+                raise WireError("bad_message", f'{path}: expected "Forward" or {{"Fit": ...}}')
             case "result":
                 return _result_in(raw, self, path)
             case "pickle":
@@ -638,8 +640,12 @@ def _result_out(result: Any, codec: _V1Fields, path: str) -> dict[str, Any]:
 def _result_in(raw: Any, codec: _V1Fields, path: str) -> Any:
     if codec.positional and isinstance(raw, list) and raw:
         status, rest = raw[0], raw[1:]
-        names = ("output", "duration_ms", "states") if status == "Success" else ("error", "duration_ms", "code", "node_id")
-        raw = {"status": status, **dict(zip(names, rest))}
+        names = (
+            ("output", "duration_ms", "states")
+            if status == "Success"
+            else ("error", "duration_ms", "code", "node_id")
+        )
+        raw = {"status": status, **dict(zip(names, rest, strict=False))}
     if not isinstance(raw, dict):
         raise WireError("bad_message", f"{path}: expected a PlanResult map")
     status = raw.get("status")
@@ -655,7 +661,7 @@ def _result_in(raw: Any, codec: _V1Fields, path: str) -> Any:
             raise WireError("bad_message", f"{path}.node_id: expected str")
         info = ErrorInfo(code=code, kind=ERROR_CODES[code][0], message=message, node_id=node_id)
         return PlanFailure(error=info, duration_ms=duration)
-    raise WireError("bad_message", f"{path}.status: expected \"Success\" or \"Failed\", got {status!r}")
+    raise WireError("bad_message", f'{path}.status: expected "Success" or "Failed", got {status!r}')
 
 
 # --------------------------------------------------------------------------- messages
@@ -709,7 +715,7 @@ def decode_stream(data: bytes | bytearray | memoryview) -> Request | Reply:
         names = [f.name for f in wire_fields(MESSAGE_TYPES[body[0]], "v1")]
         if len(body) - 1 > len(names):
             raise WireError("bad_message", f"{body[0]}: too many positional fields")
-        body = {"type": body[0], **dict(zip(names, body[1:]))}
+        body = {"type": body[0], **dict(zip(names, body[1:], strict=False))}
     return _decode_map(body, _MSGPACK)
 
 
@@ -749,7 +755,12 @@ def _decode_map(data: Any, codec: _V1Fields) -> Request | Reply:
 
 def _correlation(data: dict[Any, Any]) -> str | None:
     """The plan, job or stream id a v1 reply must name, when the frame reveals it."""
-    for holder, key in ((data, "plan_id"), (data.get("plan"), "plan_id"), (data.get("job"), "job_id"), (data, "stream_id")):
+    for holder, key in (
+        (data, "plan_id"),
+        (data.get("plan"), "plan_id"),
+        (data.get("job"), "job_id"),
+        (data, "stream_id"),
+    ):
         if isinstance(holder, dict) and isinstance(holder.get(key), str):
             return holder[key]  # type: ignore[no-any-return]
     return None
@@ -757,7 +768,9 @@ def _correlation(data: dict[Any, Any]) -> str | None:
 
 def _dumps(data: Any) -> str:
     try:
-        return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_numpy_default)
+        return json.dumps(
+            data, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_numpy_default
+        )
     except ValueError as exc:
         raise WireError(
             "encoding_error", f"non-finite value cannot travel over wire v1; use wire v2 ({exc})"

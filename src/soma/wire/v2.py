@@ -48,11 +48,10 @@ from soma.wire.messages import (
     Request,
     StreamBegin,
     check_plan_id,
-    record_from_map,
-    record_to_map,
     validate_plan,
     version_refusal,
 )
+from soma.wire.schema import record_from_map, record_to_map
 
 __all__ = [
     "ALIGNMENT",
@@ -152,11 +151,10 @@ class _Encoder:
             index = self._buffer(_byte_view(value.data))
             oob = [self._buffer(_byte_view(b)) for b in value.buffers]
             return msgpack.ExtType(EXT_OPAQUE, self.pack([index, oob]))
-        if isinstance(value, Record) and getattr(value, "type", None) in DATA_REFS:
-            body = {"type": value.type, **record_to_map(value, _FIELDS)}
+        tag = getattr(value, "type", None) if isinstance(value, Record) else None
+        if tag in DATA_REFS:
+            body = {"type": tag, **record_to_map(value, _FIELDS)}
             return msgpack.ExtType(EXT_REF, self.pack(body))
-        if kind is memoryview:
-            return value.tobytes()
         if _is_plain_tensor(value):
             return self._tensor(value)
         if kind is _Pickled:
@@ -166,7 +164,7 @@ class _Encoder:
     def _ndarray(self, array: np.ndarray[Any, Any]) -> msgpack.ExtType:
         if not array.flags.c_contiguous:  # (np.ascontiguousarray would turn 0-d into 1-d)
             array = array.copy(order="C")
-        index = self._buffer(memoryview(array.reshape(-1).view(np.uint8)))
+        index = self._buffer(array.reshape(-1).view(np.uint8).data)
         return msgpack.ExtType(EXT_NDARRAY, self.pack([index, array.dtype.str, list(array.shape)]))
 
     def _tensor(self, tensor: Any) -> msgpack.ExtType:
@@ -193,9 +191,7 @@ class _Encoder:
         try:
             data = cloudpickle.dumps(value, protocol=5, buffer_callback=keep)
         except Exception as exc:  # pickling runs arbitrary __reduce__ code; any failure is the value's
-            raise WireError(
-                "encoding_error", f"cannot pickle {type(value).__name__}: {exc}"
-            ) from exc
+            raise WireError("encoding_error", f"cannot pickle {type(value).__name__}: {exc}") from exc
         index = self._buffer(memoryview(data))
         indices = [self._buffer(view) for view in oob]
         return msgpack.ExtType(EXT_OPAQUE, self.pack([index, indices]))
@@ -267,7 +263,7 @@ class _V2Fields:
                     return "Forward"
                 if isinstance(raw, dict) and set(raw) == {"Fit"}:
                     return record_from_map(FitMode, raw["Fit"], self, f"{path}.Fit")
-                raise WireError("bad_message", f"{path}: expected \"Forward\" or {{\"Fit\": ...}}")
+                raise WireError("bad_message", f'{path}: expected "Forward" or {{"Fit": ...}}')
             case "result":
                 if isinstance(raw, dict):
                     cls = {"Success": PlanSuccess, "Failed": PlanFailure}.get(raw.get("status"))  # type: ignore[arg-type]
@@ -279,7 +275,9 @@ class _V2Fields:
                 if type(raw) is not bytes:
                     raise WireError("bad_message", f"{path}: expected bin")
             case "cache_key":
-                if not (isinstance(raw, str) and len(raw) == 64 and all(c in "0123456789abcdef" for c in raw)):
+                if not (
+                    isinstance(raw, str) and len(raw) == 64 and all(c in "0123456789abcdef" for c in raw)
+                ):
                     raise WireError("bad_message", f"{path}: expected 64 lowercase hex digits")
         return raw
 
@@ -353,7 +351,7 @@ def _assemble(envelope: dict[str, Any]) -> list[Part]:
         start = needed
     head = _HEADER.pack(MAGIC, WIRE_VERSION, 0, 0, len(packed)) + packed
     parts: list[Part] = [head + bytes(start - len(head))]
-    for i, ((offset, length), view) in enumerate(zip(offsets, buffers)):
+    for i, ((offset, length), view) in enumerate(zip(offsets, buffers, strict=True)):
         parts.append(view)
         padding = _align(offset + length) - (offset + length)
         if padding and i < len(buffers) - 1:
@@ -389,7 +387,9 @@ def read_head(data: bytes | bytearray | memoryview) -> FrameHead:
     """Check the framing of ``data`` and read its envelope head; ``WireError`` if broken."""
     frame = _byte_view(data)
     if frame.nbytes < _HEADER.size:
-        raise WireError("bad_message", f"truncated frame: {frame.nbytes} bytes, the header alone is {_HEADER.size}")
+        raise WireError(
+            "bad_message", f"truncated frame: {frame.nbytes} bytes, the header alone is {_HEADER.size}"
+        )
     magic, version, flags, _reserved, length = _HEADER.unpack_from(frame)
     if magic != MAGIC:
         raise WireError("bad_message", f"not a Soma v2 frame: magic {bytes(magic)!r}, expected {MAGIC!r}")
@@ -399,7 +399,10 @@ def read_head(data: bytes | bytearray | memoryview) -> FrameHead:
         raise WireError("bad_message", f"unsupported frame flags {flags:#04x}")
     end = _HEADER.size + length
     if end > frame.nbytes:
-        raise WireError("bad_message", f"truncated frame: envelope of {length} bytes, {frame.nbytes - _HEADER.size} present")
+        raise WireError(
+            "bad_message",
+            f"truncated frame: envelope of {length} bytes, {frame.nbytes - _HEADER.size} present",
+        )
     envelope = frame[_HEADER.size : end]
     try:
         head = _scan(envelope)
@@ -422,7 +425,9 @@ def read_head(data: bytes | bytearray | memoryview) -> FrameHead:
                 request_id=request_id,
             )
         buffers.append(frame[offset : offset + size])
-    return FrameHead(head.get("v"), head.get("type"), head.get("id"), head.get("re"), envelope, buffers, frame)
+    return FrameHead(
+        head.get("v"), head.get("type"), head.get("id"), head.get("re"), envelope, buffers, frame
+    )
 
 
 def _scan(envelope: memoryview) -> dict[str, Any]:
@@ -484,7 +489,9 @@ class _Decoder:
         count = math.prod(shape)
         if count * dtype.itemsize != view.nbytes:
             raise WireError(
-                "bad_message", f"ndarray {dtype.str}{list(shape)} needs {count * dtype.itemsize} bytes, buffer has {view.nbytes}"
+                "bad_message",
+                f"ndarray {dtype.str}{list(shape)} needs {count * dtype.itemsize} bytes, "
+                f"buffer has {view.nbytes}",
             )
         if count == 0:
             array = np.empty(shape, dtype)
@@ -503,12 +510,16 @@ class _Decoder:
         shape = _shape(shape)
         view = self.buffer(index)
         if math.prod(shape) * itemsize != view.nbytes:
-            raise WireError("bad_message", f"torch {name}{list(shape)} does not match its {view.nbytes}-byte buffer")
+            raise WireError(
+                "bad_message", f"torch {name}{list(shape)} does not match its {view.nbytes}-byte buffer"
+            )
         if self.side == "worker" or not _torch_available():
             buffer = view if self.side == "worker" else bytearray(view)
             return TorchData(buffer=buffer, dtype=name, shape=shape)
         import torch
 
+        if view.nbytes == 0:
+            return torch.empty(shape, dtype=getattr(torch, name))
         raw = np.frombuffer(view, dtype=np.uint8)
         if not raw.flags.writeable:
             raw = raw.copy()
@@ -606,7 +617,7 @@ def decode_message(head: FrameHead, side: Side) -> Request | Reply:
         cls = MESSAGE_TYPES[head.type]
         envelope = _envelope(head, side)
         body = {k: v for k, v in envelope.items() if k not in _FRAME_KEYS}
-        if cls.type in ("Hello", "Welcome"):
+        if head.type in ("Hello", "Welcome"):
             body["v"] = head.v
         message = record_from_map(cls, body, _FIELDS)
         key = "id" if isinstance(message, Request) else "re"
@@ -622,7 +633,7 @@ def decode_message(head: FrameHead, side: Side) -> Request | Reply:
         except WireError as exc:
             exc.request_id, exc.plan_id = request_id, message.plan.plan_id
             raise
-    return message
+    return message  # type: ignore[no-any-return]
 
 
 def _with(message: Any, key: str, value: str | None) -> Any:
