@@ -9,7 +9,6 @@ a successful fit.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import json
@@ -19,7 +18,7 @@ import threading
 import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from soma.runtime.events import EventCallback, EventHub, Subscription
 from soma.runtime.executor import (
     KeyBook,
     NodeRecord,
+    PlanFacts,
     RemoteRunnerFactory,
     Run,
     RunnerFactory,
@@ -159,7 +159,7 @@ class Graph:
         self._uncached_warned: set[str] = set()
         self._warn_lock = threading.Lock()
         self._shape_memo: GraphShape | None = None
-        self._plan_memo: PlanStep | None = None
+        self._plan_memo: tuple[PlanStep, PlanFacts] | None = None
 
     # ------------------------------------------------------------------ properties
 
@@ -283,14 +283,11 @@ class Graph:
 
     # ------------------------------------------------------------------ running
 
-    @contextlib.contextmanager
-    def _running(self) -> Iterator[None]:
-        # The re-entrancy check comes first: a call from a thread already running this
+    def _refuse_reentry(self) -> None:
+        # Checked before taking the lock: a call from a thread already running this
         # graph (a callback, user code) must fail at once, never wait on the lock.
         if is_running(self._token):
             raise SomaError("graph is already running (re-entrant call)")
-        with self._run_lock, running(self._token), seeded(self._seed):
-            yield
 
     def fit(
         self, x: Any, y: Any = None, batch_size: int | None = None, *, timeout: float | None = None
@@ -300,7 +297,8 @@ class Graph:
         Raises ``FilterError`` for an exception in user code (``__cause__`` is the
         original), ``SomaConfigError`` for bad arguments.
         """
-        with self._running():
+        self._refuse_reentry()
+        with self._run_lock, running(self._token), seeded(self._seed):
             _check_count("batch_size", batch_size, allow_none=True)
             timeout = _check_timeout(timeout)
             outcome = self._new_run(
@@ -320,7 +318,8 @@ class Graph:
         Raises ``NotFittedError`` before anything else when the graph was never fitted;
         with ``stream=True`` a non-linear graph raises ``SomaConfigError``.
         """
-        with self._running():
+        self._refuse_reentry()
+        with self._run_lock, running(self._token), seeded(self._seed):
             if not self._fitted:
                 raise NotFittedError()
             _check_count("chunk_size", chunk_size)
@@ -335,7 +334,8 @@ class Graph:
 
     def run(self, x: Any = None, *, timeout: float | None = None) -> dict[str, Any]:
         """Execute every node without learning or caching; returns ``{node_id: output}`` in canonical order."""
-        with self._running():
+        self._refuse_reentry()
+        with self._run_lock, running(self._token), seeded(self._seed):
             timeout = _check_timeout(timeout)
             result: dict[str, Any] = self._new_run("run", x=x, timeout=timeout).execute().result
             return result
@@ -351,7 +351,7 @@ class Graph:
         stream: bool = False,
     ) -> Run:
         shape = self._shape()
-        plan = self._base_plan(shape)
+        plan, facts = self._base_plan(shape)
         cache = None if phase == "run" or stream else self._cache
         state_keys = self._state_keys if phase == "forward" else {}
         keys = KeyBook(
@@ -369,11 +369,13 @@ class Graph:
             cached = self._predict_cached(shape, keys, cache)
             if cached:
                 plan = compile_plan(shape, cached=cached, placement=self._placement(shape))
+                facts = PlanFacts.of(plan)
         return Run(
             phase=phase,
             shape=shape,
             nodes=self._nodes,
             plan=plan,
+            facts=facts,
             hub=self._hub,
             x=x,
             y=y,
@@ -426,9 +428,11 @@ class Graph:
             )
         return self._shape_memo
 
-    def _base_plan(self, shape: GraphShape) -> PlanStep:
+    def _base_plan(self, shape: GraphShape) -> tuple[PlanStep, PlanFacts]:
+        """The plan without ``Cached`` steps (what fit and run execute), compiled once per structure."""
         if self._plan_memo is None:
-            self._plan_memo = compile_plan(shape, placement=self._placement(shape))
+            plan = compile_plan(shape, placement=self._placement(shape))
+            self._plan_memo = (plan, PlanFacts.of(plan))
         return self._plan_memo
 
     def _placement(self, shape: GraphShape) -> dict[str, str]:

@@ -31,7 +31,7 @@ from soma.runtime.executor import (
     RunnerSpec,
     has_parameter_owner,
 )
-from soma.runtime.plan import Loop
+from soma.runtime.plan import Execute, Loop
 
 
 class OrderLog(Filter):
@@ -568,8 +568,12 @@ def test_runner_errors_pass_through_with_node_id_filled() -> None:
 
 
 def test_remote_step_without_remote_runner_raises_compile_error_before_user_code() -> None:
+    class WithoutRemoteRunner(Graph):
+        def _remote_runner_factory(self) -> Any:
+            return None
+
     f = AddOne()
-    g = Graph.somatize(f)
+    g = WithoutRemoteRunner.somatize(f)
     g.add_worker("127.0.0.1:9")
     with pytest.raises(CompileError, match="no remote runner"):
         g.fit(1)
@@ -585,7 +589,7 @@ def test_loop_and_branch_steps_are_refused() -> None:
         phase="run",
         shape=g._shape(),
         nodes=g._nodes,
-        plan=Loop("add_one", g._base_plan(g._shape())),
+        plan=Loop("add_one", Execute("add_one")),
         hub=EventHub(),
     )
     with pytest.raises(CompileError, match="Loop"):

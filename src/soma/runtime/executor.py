@@ -87,6 +87,7 @@ __all__ = [
     "KeyBook",
     "NodeRecord",
     "NodeRunner",
+    "PlanFacts",
     "RemoteRunner",
     "RemoteRunnerFactory",
     "Run",
@@ -106,6 +107,8 @@ class NodeRecord:
 
     __slots__ = (
         "_identity",
+        "_key_memo",
+        "_params_memo",
         "cacheable",
         "differentiable",
         "filter",
@@ -142,6 +145,8 @@ class NodeRecord:
         self.version = version
         self.requirements = requirements
         self._identity: bytes | None = None
+        self._params_memo: tuple[tuple[Any, ...], bytes] | None = None
+        self._key_memo: dict[tuple[Any, ...], str] = {}
 
     @property
     def kind(self) -> str:
@@ -153,6 +158,35 @@ class NodeRecord:
         if self._identity is None:
             self._identity = filter_identity(self.filter, self.version, self.requirements)
         return self._identity
+
+    def params_content(self) -> bytes:
+        """``content`` of the filter's current parameters (read at every run).
+
+        Raises ``Unhashable``. Parameters made only of immutable scalars are compared
+        with the previous run's and their digest reused while unchanged.
+        """
+        params = params_of(self.filter)
+        snapshot = _scalar_snapshot(params)
+        memo = self._params_memo
+        if memo is not None and snapshot is not None and memo[0] == snapshot:
+            return memo[1]
+        digest = content(params)
+        if snapshot is not None:
+            self._params_memo = (snapshot, digest)
+        return digest
+
+    def derived_key(self, parts: tuple[Any, ...]) -> str:
+        """``fit_key`` (``parts[0] == "state"``) or ``out_key`` of this node, memoised by their parts."""
+        key = self._key_memo.get(parts)
+        if key is None:
+            if len(self._key_memo) >= _KEY_MEMO_LIMIT:
+                self._key_memo.clear()
+            if parts[0] == "state":
+                key = fit_key(self.identity(), *parts[1:])
+            else:
+                key = out_key(self.identity(), *parts[1:])
+            self._key_memo[parts] = key
+        return key
 
     def copy_with(self, filter_obj: Any) -> NodeRecord:
         """The same node around another filter object of the same class (``Graph.with_params``)."""
@@ -170,6 +204,28 @@ class NodeRecord:
         if type(filter_obj) is type(self.filter):
             twin._identity = self._identity
         return twin
+
+
+_KEY_MEMO_LIMIT = 256
+_SCALARS = frozenset({type(None), bool, int, str, bytes})
+
+
+def _scalar_snapshot(params: dict[str, Any]) -> tuple[Any, ...] | None:
+    """A comparable image of parameters holding only immutable scalars, else ``None``.
+
+    Types are part of it (``1 == 1.0 == True`` must not match) and floats are compared
+    by ``float.hex`` (``0.0 == -0.0`` must not match either).
+    """
+    items: list[tuple[str, type, Any]] = []
+    for name, value in params.items():
+        kind = type(value)
+        if kind is float:
+            items.append((name, kind, value.hex()))
+        elif kind in _SCALARS:
+            items.append((name, kind, value))
+        else:
+            return None
+    return tuple(items)
 
 
 def has_parameter_owner(filter_obj: Any) -> bool:
@@ -337,6 +393,12 @@ RemoteRunnerFactory = Callable[[str, RunnerSpec], RemoteRunner]
 
 _UNKNOWN: Any = object()  # a key that cannot be known before the run produces an output
 
+# The run whose pool thread this context belongs to: a Parallel step nested in a pool
+# member of the same run executes inline instead of waiting on its own busy pool.
+_pool_member_of: contextvars.ContextVar[object] = contextvars.ContextVar(
+    "soma_pool_member_of", default=None
+)
+
 
 class KeyBook:
     """The cache keys of one run (§6.1): x and y hashed at most once, keys derived along edges.
@@ -392,7 +454,10 @@ class KeyBook:
     def params(self, nid: str) -> bytes | None:
         """``content`` of the node's current parameters (read at each run), ``None`` if unhashable."""
         if nid not in self._params:
-            self._params[nid] = self._content(params_of(self._nodes[nid].filter))
+            try:
+                self._params[nid] = self._nodes[nid].params_content()
+            except Unhashable:
+                self._params[nid] = None
         if self._params[nid] is None:
             self.reasons.setdefault(nid, "its parameters cannot be hashed")
         return self._params[nid]
@@ -416,21 +481,19 @@ class KeyBook:
         if nid in self.in_keys:
             return self.in_keys[nid]
         preds = self._shape.predecessors[nid]
-        key: Any
         if not preds:
-            key = self._run_data("x", nid)
-        else:
-            refs = [(p, self.ref(p, outputs)) for p in preds]
-            if any(r is _UNKNOWN for _, r in refs):
+            key: Any = self._run_data("x", nid)
+            self.in_keys[nid] = key
+            return key
+        refs = [(p, self.ref(p, outputs)) for p in preds]
+        for pred, ref in refs:
+            if ref is _UNKNOWN:
                 return _UNKNOWN
-            if any(r is None for _, r in refs):
-                bad = next(p for p, r in refs if r is None)
-                self.reasons.setdefault(nid, f"the output of `{bad}` cannot be hashed")
-                key = None
-            elif len(refs) == 1:
-                key = refs[0][1]
-            else:
-                key = fanin_key(refs)
+            if ref is None:
+                self.reasons.setdefault(nid, f"the output of `{pred}` cannot be hashed")
+                self.in_keys[nid] = None
+                return None
+        key = refs[0][1] if len(refs) == 1 else fanin_key(refs)
         self.in_keys[nid] = key
         return key
 
@@ -444,7 +507,7 @@ class KeyBook:
         y = self._run_data("y", nid)
         if in_key is not None and params is not None and y is not None:
             batch = self._batch_size if has_partial_fit(node.filter) else None
-            key = fit_key(node.identity(), params, in_key, y, self._seed, batch)
+            key = node.derived_key(("state", params, in_key, y, self._seed, batch))
         self.fit_keys[nid] = key
         return key
 
@@ -458,7 +521,9 @@ class KeyBook:
             if state_key is None:
                 self.reasons.setdefault(nid, "its state was produced without a cache key")
             else:
-                key = out_key(self._nodes[nid].identity(), params, state_key, in_key, self._seed)
+                key = self._nodes[nid].derived_key(
+                    ("output", params, state_key, in_key, self._seed)
+                )
         self.out_keys[nid] = key
         return key
 
@@ -478,6 +543,27 @@ class KeyBook:
 
 
 # ---------------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class PlanFacts:
+    """What a run needs to know about its plan before walking it (computed once per plan)."""
+
+    refused: str | None
+    """Why the plan cannot run here (a ``Loop`` or ``Branch`` step), or ``None``."""
+    remote: Mapping[str, tuple[str, ...]]
+    """The node ids of the ``Remote`` blocks of each target, in plan order."""
+
+    @classmethod
+    def of(cls, plan: PlanStep) -> PlanFacts:
+        refused: str | None = None
+        remote: dict[str, list[str]] = {}
+        for step in iter_steps(plan):
+            if isinstance(step, (Loop, Branch)) and refused is None:
+                refused = f"{type(step).__name__} steps cannot be executed by this version"
+            elif isinstance(step, Remote):
+                remote.setdefault(step.target, []).extend(_leaf_ids(step.plan))
+        return cls(refused, {target: tuple(ids) for target, ids in remote.items()})
 
 
 @dataclass
@@ -501,6 +587,7 @@ class Run:
         nodes: Mapping[str, NodeRecord],
         plan: PlanStep,
         hub: EventHub,
+        facts: PlanFacts | None = None,
         x: Any = None,
         y: Any = None,
         batch_size: int | None = None,
@@ -520,6 +607,7 @@ class Run:
         self.shape = shape
         self.nodes = nodes
         self.plan = plan
+        self.facts = facts if facts is not None else PlanFacts.of(plan)
         self.hub = hub
         self.x = x
         self.y = y
@@ -541,13 +629,12 @@ class Run:
         self.new_states: dict[str, Any] = {}
         self.new_state_keys: dict[str, str | None] = {}
         self._hits: dict[str, bool] = {}
-        self._runners: dict[str, NodeRunner] = {}
+        self._node_runners: dict[str, NodeRunner] = {}
         self._remotes: dict[str, RemoteRunner] = {}
         self._fit_claims: dict[str, threading.Event] = {}
         self._fit_shared: dict[str, Any] = {}
         self._claims_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        self._in_pool = threading.local()
         self._run_id: str | None = None
         self._failed_at: dict[int, str] = {}
 
@@ -573,22 +660,20 @@ class Run:
     def stream(self, chunk_size: int) -> RunOutcome:
         """Streamed forward of a linear graph (§5.6): chunks flow through the nodes, nothing cached."""
         self._check_plan(self.plan)
-        if any(isinstance(s, Remote) for s in iter_steps(self.plan)):
+        if self.facts.remote:
             raise CompileError(
                 "streamed forward of nodes placed on workers needs the remote stream runner"
             )
         return self._lifecycle(lambda: self._walk_stream(chunk_size))
 
     def _check_plan(self, plan: PlanStep) -> None:
-        for step in iter_steps(plan):
-            if isinstance(step, (Loop, Branch)):
-                raise CompileError(
-                    f"{type(step).__name__} steps cannot be executed by this version"
-                )
-            if isinstance(step, Remote) and self.remote_runner is None:
-                raise CompileError(
-                    f"Remote({step.node_id}, target={step.target}) cannot run: no remote runner is available"
-                )
+        if self.facts.refused is not None:
+            raise CompileError(self.facts.refused)
+        if self.facts.remote and self.remote_runner is None:
+            target = next(iter(self.facts.remote))
+            raise CompileError(
+                f"Remote blocks for {target} cannot run: no remote runner is available"
+            )
 
     def _lifecycle(self, body: Callable[[], Any]) -> RunOutcome:
         start = time.perf_counter()
@@ -629,22 +714,20 @@ class Run:
 
     def _open_runners(self, stack: contextlib.ExitStack) -> None:
         """Open one runner per runner kind and one remote runner per target, for their nodes."""
-        remote_nodes: dict[str, list[str]] = {}
-        for step in iter_steps(self.plan):
-            if isinstance(step, Remote):
-                remote_nodes.setdefault(step.target, []).extend(_leaf_ids(step.plan))
-        in_remote = {nid for ids in remote_nodes.values() for nid in ids}
+        in_remote = {nid for ids in self.facts.remote.values() for nid in ids}
         local_nodes: dict[str, list[str]] = {}
         for nid in self.shape.order:
             if nid not in in_remote:
                 local_nodes.setdefault(self._runner_kind(self.nodes[nid]), []).append(nid)
         for kind, ids in local_nodes.items():
-            self._runners[kind] = stack.enter_context(self.runner_factories[kind](self._spec(ids)))
-        for target, ids in remote_nodes.items():
+            runner = stack.enter_context(self.runner_factories[kind](self._spec(ids)))
+            self._node_runners.update(dict.fromkeys(ids, runner))
+        for target, block_ids in self.facts.remote.items():
             assert self.remote_runner is not None
-            self._remotes[target] = stack.enter_context(self.remote_runner(target, self._spec(ids)))
+            remote = self.remote_runner(target, self._spec(block_ids))
+            self._remotes[target] = stack.enter_context(remote)
 
-    def _spec(self, node_ids: list[str]) -> RunnerSpec:
+    def _spec(self, node_ids: list[str] | tuple[str, ...]) -> RunnerSpec:
         return RunnerSpec(
             phase=self.phase,
             node_ids=tuple(node_ids),
@@ -686,7 +769,7 @@ class Run:
             raise CompileError(f"cannot execute {type(step).__name__}")
 
     def _parallel(self, branches: tuple[PlanStep, ...]) -> None:
-        if self.max_parallel <= 1 or len(branches) == 1 or getattr(self._in_pool, "active", False):
+        if self.max_parallel <= 1 or len(branches) == 1 or _pool_member_of.get() is self:
             for branch in branches:
                 self._step(branch)
             return
@@ -697,14 +780,12 @@ class Run:
         def member(branch: PlanStep) -> None:
             if stop.is_set():
                 return
-            self._in_pool.active = True
+            _pool_member_of.set(self)  # only in this member's own context copy
             try:
                 self._step(branch)
             except BaseException:
                 stop.set()
                 raise
-            finally:
-                self._in_pool.active = False
 
         # Each member gets its own copy of the caller's context: the seed and the
         # re-entrancy mark reach user code and event callbacks on pool threads.
@@ -730,8 +811,9 @@ class Run:
 
     def _node(self, nid: str) -> None:
         node = self.nodes[nid]
-        runner = self._runners[self._runner_kind(node)]
-        self._emit(ev.node_started, nid, node.kind, runner.where)
+        runner = self._node_runners[nid]
+        if self.hub.active:
+            self._emit(ev.node_started, nid, node.kind, runner.where)
         start = time.perf_counter()
         try:
             hit = self._compute(node, runner)
@@ -934,7 +1016,7 @@ class Run:
 
         def call(nid: str, value: Any) -> Any:
             node = self.nodes[nid]
-            runner = self._runners[self._runner_kind(node)]
+            runner = self._node_runners[nid]
             if nid not in started:
                 started[nid] = 0.0
                 self._emit(ev.node_started, nid, node.kind, runner.where)
