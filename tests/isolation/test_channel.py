@@ -113,6 +113,14 @@ def test_deadline_raises_timeout_error_without_data(pipe: tuple[int, int]) -> No
     assert 0.15 < time.monotonic() - start < 2
 
 
+def test_an_idle_reader_burns_no_cpu(pipe: tuple[int, int]) -> None:
+    r, _ = pipe
+    cpu_before = time.thread_time()
+    with pytest.raises(TimeoutError):
+        channel.read_frame(r, deadline=time.monotonic() + 0.5)
+    assert time.thread_time() - cpu_before < 0.05  # a bounded spin, then a sleep in poll
+
+
 def test_deadline_applies_inside_a_frame(pipe: tuple[int, int]) -> None:
     r, w = pipe
     os.write(w, frame(pickle.dumps("abc"))[:22])

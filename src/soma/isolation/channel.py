@@ -196,31 +196,36 @@ def _read_exact(fd: int, views: list[memoryview], deadline: float | None, *, at_
 
 
 class _Spin:
-    """How long to spin before sleeping, adapted to how often spinning pays off.
+    """How long a reader spins on one fd before sleeping, adapted to how often spinning pays off.
 
-    A spin pays off when the peer answers within it; that needs a free core for the
-    peer. On a busy machine (or a peer computing for milliseconds) spins fail, and
-    the budget shrinks to nothing so the reader sleeps at once; every
-    ``_REPROBE_AFTER`` sleeps a short spin is tried again. Shared by all fds of the
-    process: races between threads only blur the estimate.
+    A spin pays off when the peer answers within it, which needs a free core for the
+    peer and a quick answer. On a busy machine, or with a peer computing for
+    milliseconds, spins fail and the fd's budget shrinks to nothing, so its reader
+    sleeps at once; every ``_REPROBE_AFTER`` sleeps a short spin is tried again.
+    Races between threads only blur the estimate.
     """
 
-    budget = SPIN_SECONDS
-    sleeps = 0
+    budgets: dict[int, float] = {}
+    sleeps: dict[int, int] = {}
 
     @classmethod
-    def succeeded(cls) -> None:
-        cls.budget = min(SPIN_SECONDS, max(cls.budget * 2, _MIN_SPIN))
+    def budget(cls, fd: int) -> float:
+        return cls.budgets.get(fd, SPIN_SECONDS)
 
     @classmethod
-    def failed(cls) -> None:
-        cls.budget = cls.budget / 4 if cls.budget >= 4 * _MIN_SPIN else 0.0
+    def succeeded(cls, fd: int) -> None:
+        cls.budgets[fd] = min(SPIN_SECONDS, max(cls.budget(fd) * 2, _MIN_SPIN))
 
     @classmethod
-    def slept(cls) -> None:
-        cls.sleeps += 1
-        if cls.budget == 0.0 and cls.sleeps % _REPROBE_AFTER == 0:
-            cls.budget = _MIN_SPIN
+    def failed(cls, fd: int) -> None:
+        budget = cls.budget(fd)
+        cls.budgets[fd] = budget / 4 if budget >= 4 * _MIN_SPIN else 0.0
+
+    @classmethod
+    def slept(cls, fd: int) -> None:
+        sleeps = cls.sleeps[fd] = cls.sleeps.get(fd, 0) + 1
+        if cls.budget(fd) == 0.0 and sleeps % _REPROBE_AFTER == 0:
+            cls.budgets[fd] = _MIN_SPIN
 
 
 _MIN_SPIN = 20e-6
@@ -231,17 +236,17 @@ def _wait(fd: int, event: int, deadline: float | None) -> None:
     """Return once ``fd`` is ready for ``event``: spin briefly on a zero-timeout poll, then sleep in it."""
     poller = select.poll()
     poller.register(fd, event)
-    budget = _Spin.budget if event == select.POLLIN else 0.0
+    budget = _Spin.budget(fd) if event == select.POLLIN else 0.0
     if budget:
         spin_until = time.monotonic() + budget
         while time.monotonic() < spin_until:
             if poller.poll(0):
-                _Spin.succeeded()
+                _Spin.succeeded(fd)
                 return
             os.sched_yield()
-        _Spin.failed()
+        _Spin.failed(fd)
     if event == select.POLLIN:
-        _Spin.slept()
+        _Spin.slept(fd)
     while True:
         if deadline is None:
             timeout_ms = -1

@@ -36,6 +36,7 @@ import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import cloudpickle
@@ -180,10 +181,11 @@ def parameter_owner(filter_obj: Any) -> Any | None:
 
     ``filter.soma_module()`` if defined, else the filter itself if it has a callable
     ``named_parameters``, else the first of ``module``, ``model``, ``net`` having one.
+    Duck-typed: torch is not imported. A raising ``soma_module()`` raises ``UserCodeError``.
     """
     soma_module = getattr(filter_obj, "soma_module", None)
     if callable(soma_module):
-        return soma_module()
+        return _call(None, None, soma_module)
     if callable(getattr(filter_obj, "named_parameters", None)):
         return filter_obj
     for name in ("module", "model", "net"):
@@ -367,8 +369,7 @@ def composite_fit(
     ``fit``). Raises ``UserCodeError`` for user exceptions and
     ``CommandError("no_gradient")`` when the loss reaches no parameter.
     """
-    if phase not in _PHASES:
-        raise CommandError("bad_request", f"field 'phase' must be one of {list(_PHASES)}, got {phase!r}")
+    _check_phase(phase)
     torch = _torch()
     cur = _to_tensor_input(x)
     target = _to_tensor_input(y)
@@ -402,6 +403,11 @@ def composite_fit(
                     _call("optimizer", node.node_id, optimizer.step)
                     _call("optimizer", node.node_id, optimizer.zero_grad)
     return CompositeResult(_detach(cur), new_states, None if loss is None else float(loss))
+
+
+def _check_phase(phase: str) -> None:
+    if phase not in _PHASES:
+        raise CommandError("bad_request", f"field 'phase' must be one of {list(_PHASES)}, got {phase!r}")
 
 
 def _mse_loss(pred: Any, target: Any) -> Any:
@@ -446,9 +452,8 @@ def _backward(nodes: Sequence[CompositeNode], loss: Any) -> None:
 class _Entry:
     filter: Any
     trainable: bool
-    differentiable: bool
     state: Any = None
-    sgd: Any = None
+    fallback_optimizer: Any = None  # the SGD that APPLY_GRADIENTS creates for a filter without one
 
 
 _REQUIRED = object()
@@ -537,9 +542,10 @@ class Daemon:
 
     def handle(self, request: Any) -> dict[str, Any]:
         """Run one request and return its reply (``ok`` true, or false with an ``error`` dict)."""
-        request_id = request.get("id") if isinstance(request, dict) else None
-        command = request.get("cmd") if isinstance(request, dict) else None
-        reply: dict[str, Any] = {"kind": "reply", "id": request_id}
+        fields = request if isinstance(request, dict) else {}
+        command = fields.get("cmd")
+        node_id = fields.get("node_id") if isinstance(fields.get("node_id"), str) else None
+        reply: dict[str, Any] = {"kind": "reply", "id": fields.get("id")}
         try:
             if not isinstance(request, dict):
                 raise CommandError("bad_request", f"a request must be a dict, got {type(request).__name__}")
@@ -547,37 +553,34 @@ class Daemon:
             _field(request, "cmd", str)
             run = self._commands.get(command)  # type: ignore[arg-type]
             if run is None:
-                raise CommandError(
-                    "unknown_command", f"unknown command {command!r}; known: {sorted(self._commands)}"
-                )
+                raise CommandError("unknown_command", f"unknown command {command!r}; known: {sorted(self._commands)}")
             with self._seed_scope():
                 body = run(request)
         except CommandError as exc:
             error = _error_dict(
-                exc.code, exc.message, command=command, node_id=exc.node_id, method=exc.method, exc=exc.__cause__
+                exc.code,
+                exc.message,
+                command=command,
+                node_id=exc.node_id or node_id,
+                method=exc.method,
+                exc=exc.__cause__,
             )
-            return {**reply, "ok": False, "error": error}
         except UserCodeError as exc:
             error = _error_dict(
                 "user_error",
                 str(exc.original),
                 command=command,
-                node_id=exc.node_id,
+                node_id=exc.node_id or node_id,
                 method=exc.method,
                 exc=exc.original,
                 user_frames_only=True,
             )
-            return {**reply, "ok": False, "error": error}
-        except Exception as exc:  # noqa: BLE001 - user code is wrapped above: this is a value the request got wrong
-            error = _error_dict(
-                "bad_request",
-                f"{command} failed on its input: {type(exc).__name__}: {exc}",
-                command=command,
-                node_id=request.get("node_id") if isinstance(request.get("node_id"), str) else None,
-                exc=exc,
-            )
-            return {**reply, "ok": False, "error": error}
-        return {**reply, "ok": True, **body}
+        except Exception as exc:  # noqa: BLE001 - user code is wrapped: this is a value the request got wrong
+            message = f"{command} failed on its input: {type(exc).__name__}: {exc}"
+            error = _error_dict("bad_request", message, command=command, node_id=node_id, exc=exc)
+        else:
+            return {**reply, "ok": True, **body}
+        return {**reply, "ok": False, "error": error}
 
     def _seed_scope(self) -> contextlib.AbstractContextManager[Any]:
         if self._seed is None:
@@ -690,7 +693,7 @@ class Daemon:
         return node_ids
 
     def _owner(self, node_id: str, entry: _Entry) -> Any:
-        owner = _call(None, node_id, parameter_owner, entry.filter)
+        owner = parameter_owner(entry.filter)
         if owner is None:
             raise CommandError(
                 "no_parameters",
@@ -721,23 +724,24 @@ class Daemon:
             specs.append(
                 (
                     _field(spec, "id", str),
-                    _field(spec, "pickle", (bytes, bytearray, memoryview)),
+                    _field(spec, "pickle", (bytes, bytearray, memoryview, pickle.PickleBuffer)),
                     _field(spec, "trainable", bool),
-                    _field(spec, "differentiable", bool, False),
                 )
             )
+            _field(spec, "differentiable", bool, False)
         self._catalog = {}
         self._handles = {}
         self._seed = None
         gc.collect()
         _check_runtime(runtime)
-        catalog: dict[str, _Entry] = {}
-        for node_id, data, trainable, differentiable in specs:
-            catalog[node_id] = _Entry(_unpickle_filter(node_id, data, trainable, runtime), trainable, differentiable)
-        self._catalog = catalog
         self._seed = seed
         try:
             with self._seed_scope():
+                catalog = {
+                    node_id: _Entry(_unpickle_filter(node_id, data, trainable, runtime), trainable)
+                    for node_id, data, trainable in specs
+                }
+                self._catalog = catalog
                 for node_id, state in states.items():
                     entry = self._entry(node_id)
                     entry.state = self._fit_state(node_id, entry, self.materialise(state))
@@ -755,7 +759,7 @@ class Daemon:
         y = self.materialise(request.get("y"))
         if entry.trainable:
             entry.state = _call("fit", node_id, entry.filter.fit, data, y)
-            result = _call(None, node_id, wrap_state, entry.filter, entry.state, snapshot=mode == "handle")
+            result = wrap_state(entry.filter, entry.state, snapshot=mode == "handle")
         else:
             entry.state = None
             result = None
@@ -810,8 +814,7 @@ class Daemon:
         nodes = self._composite_nodes(request)
         self._result_options(request)
         phase = _field(request, "phase", str, "all")
-        if phase not in _PHASES:
-            raise CommandError("bad_request", f"field 'phase' must be one of {list(_PHASES)}, got {phase!r}")
+        _check_phase(phase)
         data = self.materialise(_field(request, "data", object))
         y = self.materialise(request.get("y"))
         states = self._composite_states(request, nodes)
@@ -821,11 +824,11 @@ class Daemon:
                 self._catalog[node_id].state = state
         reply_states = {}
         for node in nodes:
-            owner = _call(None, node.node_id, parameter_owner, node.filter)
+            owner = parameter_owner(node.filter)
             if node.trainable or owner is not None:
                 fit_state = outcome.states.get(node.node_id)
                 reply_states[node.node_id] = self.neutralise(
-                    _call(None, node.node_id, wrap_state, node.filter, fit_state), node.node_id
+                    wrap_state(node.filter, fit_state), node.node_id
                 )
         body = self._reply_value(request, outcome.output, nodes[-1].node_id if nodes else None)
         return {**body, "states": reply_states, "loss": outcome.loss}
@@ -833,7 +836,7 @@ class Daemon:
     def _get_state(self, request: Mapping[str, Any]) -> dict[str, Any]:
         node_id = _field(request, "node_id", str)
         entry = self._entry(node_id)
-        state = _call(None, node_id, wrap_state, entry.filter, entry.state)
+        state = wrap_state(entry.filter, entry.state)
         return {"state": self.neutralise(state, node_id)}
 
     def _set_state(self, request: Mapping[str, Any]) -> dict[str, Any]:
@@ -891,18 +894,18 @@ class Daemon:
             )
         optimizer = getattr(entry.filter, "optimizer", None)
         if optimizer is None:
-            if entry.sgd is None and lr is None:
+            if entry.fallback_optimizer is None and lr is None:
                 raise CommandError(
                     "no_optimizer",
                     f"node {node_id!r} has no optimizer attribute and the request gives no lr",
                     node_id=node_id,
                 )
-            if entry.sgd is None:
-                entry.sgd = torch.optim.SGD(owner.parameters(), lr=lr)
+            if entry.fallback_optimizer is None:
+                entry.fallback_optimizer = torch.optim.SGD(owner.parameters(), lr=lr)
             elif lr is not None:
-                for group in entry.sgd.param_groups:
+                for group in entry.fallback_optimizer.param_groups:
                     group["lr"] = lr
-            optimizer = entry.sgd
+            optimizer = entry.fallback_optimizer
         for name, parameter in parameters.items():
             parameter.grad = tensors.get(name)
         _call("optimizer", node_id, optimizer.step)
@@ -950,7 +953,7 @@ class Daemon:
             result = {node_id: outputs[node_id] for node_id in outputs_wanted}
         states = {
             node_id: self.neutralise(
-                _call(None, node_id, wrap_state, self._catalog[node_id].filter, self._catalog[node_id].state), node_id
+                wrap_state(self._catalog[node_id].filter, self._catalog[node_id].state), node_id
             )
             for node_id in node_ids
             if self._catalog[node_id].trainable
@@ -982,12 +985,8 @@ class Daemon:
         return inputs_of
 
     def _partial_fit(self, request_id: int, node_id: str, entry: _Entry, x: Any, y: Any, batch_size: int) -> Any:
-        filter_obj = entry.filter
-
-        class _Guarded:
-            @staticmethod
-            def partial_fit(x_b: Any, y_b: Any, state: Any) -> Any:
-                return _call("partial_fit", node_id, filter_obj.partial_fit, x_b, y_b, state)
+        def guarded(x_b: Any, y_b: Any, state: Any) -> Any:
+            return _call("partial_fit", node_id, entry.filter.partial_fit, x_b, y_b, state)
 
         def progress(batch: int, n_batches: int, rows: int, total_rows: int) -> None:
             self._emit(
@@ -1003,7 +1002,7 @@ class Daemon:
             )
 
         try:
-            return batching.partial_fit_loop(_Guarded(), x, y, batch_size, progress)
+            return batching.partial_fit_loop(SimpleNamespace(partial_fit=guarded), x, y, batch_size, progress)
         except RowMismatchError as exc:
             raise CommandError("row_mismatch", str(exc), node_id=node_id) from exc
 
