@@ -12,7 +12,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_example_runs_and_matches_its_plan_text() -> None:
     section = README.read_text().split("## Example", 1)[1].split("\n## ", 1)[0]
-    code = re.search(r"```python\n(.*?)```", section, re.S)
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL)
     assert code is not None
     done = subprocess.run(
         [sys.executable, "-c", code.group(1)],
