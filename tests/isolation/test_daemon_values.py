@@ -341,6 +341,12 @@ def test_non_filter_gives_unpickle_error_naming_the_type_and_loads_nothing(daemo
     assert daemon.error("FORWARD", node_id="good", data=1)["code"] == "unknown_node"
 
 
+def test_load_with_a_state_for_an_unknown_node_loads_nothing(daemon: DaemonProcess) -> None:
+    error = daemon.error("LOAD", filters=[spec("m", MeanCenter())], runtime=None, seed=None, states={"ghost": 1})
+    assert error["code"] == "unknown_node" and "ghost" in error["message"]
+    assert daemon.error("FORWARD", node_id="m", data=np.ones((1, 2)))["code"] == "unknown_node"
+
+
 def test_corrupt_filter_pickle_gives_unpickle_error(daemon: DaemonProcess) -> None:
     error = daemon.error(
         "LOAD", filters=[{"id": "x", "pickle": b"not a pickle", "trainable": True}], runtime=None, seed=None
