@@ -239,6 +239,9 @@ def test_edge_to_unknown_node() -> None:
     assert isinstance(info.value, RuntimeError) and isinstance(info.value, LookupError)
     with pytest.raises(NodeNotFoundError, match="`y`"):
         g.edge("a", "y")
+    with pytest.raises(NodeNotFoundError):
+        g.edge("a", ["not", "an", "id"])  # type: ignore[arg-type]
+    assert ["a"] not in g and g.edges() == []
 
 
 def test_cycles_are_refused_and_leave_the_graph_unchanged() -> None:

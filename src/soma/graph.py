@@ -245,7 +245,7 @@ class Graph:
         Repeating an existing edge does nothing.
         """
         for nid in (source, target):
-            if nid not in self._nodes:
+            if not isinstance(nid, str) or nid not in self._nodes:
                 raise NodeNotFoundError(nid)
         if target in self._successors[source]:
             return
@@ -530,7 +530,7 @@ class Graph:
         return len(self._nodes)
 
     def __contains__(self, node_id: object) -> bool:
-        return node_id in self._nodes
+        return isinstance(node_id, str) and node_id in self._nodes
 
     def __repr__(self) -> str:
         fitted = "true" if self._fitted else "false"
