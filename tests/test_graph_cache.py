@@ -176,9 +176,10 @@ def test_distinct_inputs_get_distinct_keys(first: Any, second: Any) -> None:
     assert forwards(f) == 2
 
 
-def test_identical_siblings_share_one_fit() -> None:
+@pytest.mark.parametrize("budget", [1 << 20, 0], ids=["memory-tier", "no-memory-tier"])
+def test_identical_siblings_share_one_fit(budget: int) -> None:
     left, right = Scale(2.0), Scale(2.0)
-    g = Graph.somatize(MeanCenter() >> (left | right))
+    g = Graph.somatize(MeanCenter() >> (left | right), cache_max_bytes=budget)
     g.fit(np.arange(4.0))
     assert fits(left) + fits(right) == 1
     assert g.get_state("scale") == g.get_state("scale_2")

@@ -60,7 +60,7 @@ from soma.runtime.batching import (
     partial_fit_loop,
     split_chunks,
 )
-from soma.runtime.cache import Cache
+from soma.runtime.cache import Cache, CacheHit
 from soma.runtime.events import EventHub
 from soma.runtime.hashing import Unhashable, content, fanin_key, filter_identity, fit_key, out_key
 from soma.runtime.plan import (
@@ -654,19 +654,19 @@ class Run:
 
     def execute(self) -> RunOutcome:
         """Run the plan; raise the first failure (after ``NodeFailed`` and ``RunFailed``)."""
-        self._check_plan(self.plan)
+        self._check_plan()
         return self._lifecycle(self._walk_plan)
 
     def stream(self, chunk_size: int) -> RunOutcome:
         """Streamed forward of a linear graph (§5.6): chunks flow through the nodes, nothing cached."""
-        self._check_plan(self.plan)
+        self._check_plan()
         if self.facts.remote:
             raise CompileError(
                 "streamed forward of nodes placed on workers needs the remote stream runner"
             )
         return self._lifecycle(lambda: self._walk_stream(chunk_size))
 
-    def _check_plan(self, plan: PlanStep) -> None:
+    def _check_plan(self) -> None:
         if self.facts.refused is not None:
             raise CompileError(self.facts.refused)
         if self.facts.remote and self.remote_runner is None:
@@ -853,18 +853,18 @@ class Run:
             state = self.states.get(nid)
             state_key = self.state_keys.get(nid)
         okey = self.keys.out_key(nid, in_key, state_key) if keyed else None
-        if keyed and okey is None and not node.differentiable:
-            self._warn_uncached(nid)
-        use_cache = okey is not None and not node.differentiable
-        if use_cache:
-            found = self._lookup(nid, okey, "output")  # type: ignore[arg-type]
-            if found is not None:
-                self.outputs[nid] = found.value
-                return hit
+        if okey is None or node.differentiable:
+            if keyed and okey is None and not node.differentiable:
+                self._warn_uncached(nid)
+            self.outputs[nid] = runner.forward(nid, x, state)
+            return False
+        found = self._lookup(nid, okey, "output")
+        if found is not None:
+            self.outputs[nid] = found.value
+            return hit
         output = runner.forward(nid, x, state)
-        if use_cache:
-            assert self.cache is not None
-            self.cache.put(okey, output, kind="output", node_id=nid, filter_name=node.filter_name)  # type: ignore[arg-type]
+        assert self.cache is not None  # keyed implies a cache
+        self.cache.put(okey, output, kind="output", node_id=nid, filter_name=node.filter_name)
         self.outputs[nid] = output
         return False
 
@@ -901,12 +901,13 @@ class Run:
             # holds no lock this thread has, so waiting for it cannot deadlock.
             claim.wait()
             found = self._lookup(nid, fkey, "state")
-            if found is None and fkey in self._fit_shared:
-                self._emit(ev.node_cache_hit, nid, fkey, "memory", "state", 0)
-                found = _Shared(self._fit_shared[fkey])
             if found is not None:
                 self._commit_state(nid, found.value, fkey)
                 return found.value, fkey, False
+            if fkey in self._fit_shared:  # the cache did not keep it (budget, no tier)
+                self._emit(ev.node_cache_hit, nid, fkey, "memory", "state", 0)
+                self._commit_state(nid, self._fit_shared[fkey], fkey)
+                return self._fit_shared[fkey], fkey, False
         try:
             state = self._call_fit(node, runner, x)
             assert self.cache is not None
@@ -932,7 +933,7 @@ class Run:
             return runner.partial_fit(nid, x, self.y, self.batch_size, on_batch)
         return runner.fit(nid, x, self.y)
 
-    def _lookup(self, nid: str, key: str, what: str) -> Any:
+    def _lookup(self, nid: str, key: str, what: str) -> CacheHit | None:
         assert self.cache is not None
         found = self.cache.lookup(key)
         if found is not None:
@@ -1085,10 +1086,3 @@ def _leaf_ids(step: PlanStep) -> list[str]:
         elif isinstance(s, Composite):
             ids.extend(s.node_ids)
     return ids
-
-
-@dataclass(frozen=True)
-class _Shared:
-    """A state shared from an identical sibling's fit in this run (not served by the cache)."""
-
-    value: Any
