@@ -20,7 +20,7 @@ import urllib.request
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from soma.chain import walk
 from soma.context import is_running, running, seeded
@@ -71,14 +71,14 @@ _HTTP_TIMEOUT_S = 5.0
 _tokens = itertools.count(1)
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_seed(seed: object) -> int | None:
-    if seed is not None and not _is_int(seed):
-        raise SomaConfigError(f"seed must be None or an int, got {seed!r}")
-    return seed  # type: ignore[return-value]
+    if seed is None or _is_int(seed):
+        return seed
+    raise SomaConfigError(f"seed must be None or an int, got {seed!r}")
 
 
 def _check_timeout(timeout: object) -> float | None:
@@ -92,10 +92,10 @@ def _check_timeout(timeout: object) -> float | None:
 def _check_count(name: str, value: object, *, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
-    if not _is_int(value) or value < 1:  # type: ignore[operator]
-        accepted = "None or an int >= 1" if allow_none else "an int >= 1"
-        raise SomaConfigError(f"{name} must be {accepted}, got {value!r}")
-    return value  # type: ignore[return-value]
+    if _is_int(value) and value >= 1:
+        return value
+    accepted = "None or an int >= 1" if allow_none else "an int >= 1"
+    raise SomaConfigError(f"{name} must be {accepted}, got {value!r}")
 
 
 class Graph:
