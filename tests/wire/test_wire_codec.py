@@ -246,3 +246,17 @@ def test_the_wire_layer_imports_nothing_above_it() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("dialect", ["v1", "v2"])
+def test_messages_travelling_the_wrong_way_are_bad_message(dialect: str) -> None:
+    worker = Codec(dialect, side="worker", require_hello=False)  # type: ignore[arg-type]
+    client = Codec(dialect, side="client")  # type: ignore[arg-type]
+    pong = m.Pong(re="r") if dialect == "v2" else m.Pong()
+    ping = m.Ping(id="r") if dialect == "v2" else m.Ping()
+    with pytest.raises(WireError, match="Pong is a worker message, not a request") as caught:
+        worker.decode(client.encode(pong))
+    assert caught.value.code == "bad_message"
+    with pytest.raises(WireError, match="Ping is a request, not a reply"):
+        client.decode(worker.encode(ping))
+    assert worker.decode(client.encode(ping)) == ping and client.decode(worker.encode(pong)) == pong

@@ -18,7 +18,10 @@ from typing import Literal, TypeAlias
 from soma.wire import v1, v2
 from soma.wire.errors import WireError
 from soma.wire.messages import (
+    CLIENT_MESSAGES,
+    MESSAGE_TYPES,
     WIRE_VERSION,
+    WORKER_MESSAGES,
     AssignPlan,
     Hello,
     Reply,
@@ -79,9 +82,14 @@ class Codec:
         return list(v2.encode_frame_parts(message))
 
     def decode(self, data: Frame) -> Request | Reply:
-        """Decode one frame; every failure is a ``WireError`` carrying a §5.8 code."""
+        """Decode one frame; every failure is a ``WireError`` carrying a §5.8 code.
+
+        A worker-side codec accepts only requests and a client-side one only replies:
+        a message travelling the wrong way is ``bad_message``.
+        """
         if self.dialect == "v1":
             message = v1.decode(data)
+            self._check_direction(message.type, None)
             plan = _plan_of(message)
             if plan is not None and plan.protocol_version not in (None, 1):
                 error = version_refusal(plan.protocol_version, side=self.side)
@@ -94,6 +102,7 @@ class Codec:
         request_id = head.id if isinstance(head.id, str) else None
         try:
             check_version(head.v, side=self.side)
+            self._check_direction(head.type, request_id)
             if self.require_hello and not self.hello_seen and head.type != Hello.type:
                 raise WireError("hello_required", f"the first frame must be Hello, got {head.type!r:.80}")
         except WireError as exc:
@@ -108,6 +117,12 @@ class Codec:
         if isinstance(message, Hello):
             self.hello_seen = True
         return message
+
+    def _check_direction(self, kind: object, request_id: str | None) -> None:
+        incoming = CLIENT_MESSAGES if self.side == "worker" else WORKER_MESSAGES
+        if isinstance(kind, str) and kind in MESSAGE_TYPES and kind not in incoming:
+            wrong = "a worker message, not a request" if self.side == "worker" else "a request, not a reply"
+            raise WireError("bad_message", f"{kind} is {wrong}", request_id=request_id)
 
 
 def _plan_of(message: Request | Reply) -> SerializedPlan | None:
