@@ -249,3 +249,31 @@ class Seed:
         from soma.context import current_seed
 
         return current_seed()
+
+
+class FailingTrainable:
+    """Trainable whose fit and forward both raise: a cache hit must spare both."""
+
+    def fit(self, x: Any, y: Any = None) -> Any:
+        raise RuntimeError("fit must not run")
+
+    def forward(self, x: Any, state: Any) -> Any:
+        raise RuntimeError("forward must not run")
+
+
+class TorchRegressor:
+    """Differentiable torch filter: ``module`` (a 2 -> 1 linear layer) is its parameter owner."""
+
+    def __init__(self) -> None:
+        import torch
+
+        torch.manual_seed(0)
+        self.module = torch.nn.Linear(2, 1)
+
+    def fit(self, x: Any, y: Any = None) -> dict[str, int]:
+        return {"fitted": 1}
+
+    def forward(self, x: Any, state: Any) -> Any:
+        import torch
+
+        return self.module(torch.as_tensor(x, dtype=torch.float32))

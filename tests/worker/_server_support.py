@@ -18,11 +18,12 @@ import aiohttp
 
 from soma.wire.codec import Codec
 from soma.wire.messages import Hello, Reply, Request
-from soma.worker.app import WorkerServer
+from soma.worker.app import Serving, WorkerServer
 from soma.worker.config import WorkerConfig
 from soma.worker.detect import Detected
+from soma.worker.server import WorkerState
 
-__all__ = ["FIXED_CAPS", "WireClient", "running", "worker_config"]
+__all__ = ["FIXED_CAPS", "LiveWorker", "WireClient", "running", "worker_config"]
 
 FIXED_CAPS = Detected(cpu_cores=2, ram_bytes=8 << 30, gpus=(), python_envs=("Python 3.11.7 (/usr/bin/python3)",))
 
@@ -42,16 +43,41 @@ def worker_config(tmp_path: Path, **overrides: Any) -> WorkerConfig:
     return WorkerConfig(**options)
 
 
+class LiveWorker:
+    """A worker serving in a task of the test's loop, as ``soma-worker`` serves in its own."""
+
+    def __init__(self, server: WorkerServer, task: asyncio.Task[None]) -> None:
+        self.server = server
+        self.task = task
+
+    @property
+    def url(self) -> str:
+        assert self.server.serving is not None
+        return self.server.serving.http_url
+
+    @property
+    def state(self) -> WorkerState:
+        assert self.server.state is not None
+        return self.server.state
+
+    def request_stop(self, drain_s: float = 0.0) -> None:
+        self.server.request_stop(drain_s)
+
+
 @contextlib.asynccontextmanager
-async def running(config: WorkerConfig, **options: Any) -> AsyncIterator[WorkerServer]:
-    """A started worker (``server.serving.http_url``); stopped with no drain on exit."""
+async def running(config: WorkerConfig, **options: Any) -> AsyncIterator[LiveWorker]:
+    """A serving worker (``live.url``); stopped with no drain on exit if still running."""
     server = WorkerServer(config, detector=lambda _: FIXED_CAPS, **options)
-    await server.start()
+    ready: asyncio.Future[Serving] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(server.serve(on_ready=ready.set_result))
+    done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()  # raises the startup failure
     try:
-        yield server
+        yield LiveWorker(server, task)
     finally:
         server.request_stop(0.0)
-        await server.stop()
+        await task
 
 
 class WireClient:

@@ -62,7 +62,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 async def test_health_answers_ok_as_text_then_503_draining(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     async with running(worker_config(tmp_path)) as server:
-        url = server.serving.http_url
+        url = server.url
         async with http.get(f"{url}/health") as response:
             assert response.status == 200
             assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
@@ -75,7 +75,7 @@ async def test_health_answers_ok_as_text_then_503_draining(tmp_path: Path, http:
 
 async def test_info_is_a_register_document_with_exact_capabilities(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     config = worker_config(tmp_path, worker_id="w1", tags=("x",), max_concurrent=3, token=TOKEN)
-    async with running(config) as server, http.get(f"{server.serving.http_url}/info") as response:
+    async with running(config) as server, http.get(f"{server.url}/info") as response:
         assert response.status == 200
         info = await response.json()
     assert info["type"] == "Register"
@@ -96,7 +96,7 @@ async def test_info_is_a_register_document_with_exact_capabilities(tmp_path: Pat
 
 async def test_unknown_paths_and_wrong_methods_get_json_errors(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     async with running(worker_config(tmp_path)) as server:
-        url = server.serving.http_url
+        url = server.url
         async with http.get(f"{url}/nowhere") as response:
             assert response.status == 404
             assert (await response.json())["error"] == "not_found"
@@ -111,7 +111,7 @@ async def test_unknown_paths_and_wrong_methods_get_json_errors(tmp_path: Path, h
 
 async def test_metrics_expose_every_spec_name_in_text_format(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     async with running(worker_config(tmp_path, max_concurrent=2)) as server:
-        url = server.serving.http_url
+        url = server.url
         async with http.post(f"{url}/upload", data=json.dumps({"type": "Json", "data": [1]})) as response:
             assert response.status == 200
         async with http.get(f"{url}/metrics") as response:
@@ -134,7 +134,7 @@ async def test_metrics_expose_every_spec_name_in_text_format(tmp_path: Path, htt
 @pytest.fixture
 async def secured(tmp_path: Path) -> AsyncIterator[str]:
     async with running(worker_config(tmp_path, token=TOKEN)) as server:
-        yield server.serving.http_url
+        yield server.url
 
 
 @pytest.mark.parametrize(("method", "path"), [("GET", "/metrics"), ("POST", "/upload"), ("GET", "/download")])
@@ -187,7 +187,7 @@ async def test_tokens_with_url_characters_work_by_header_and_query(
     tmp_path: Path, http: aiohttp.ClientSession, token: str
 ) -> None:
     async with running(worker_config(tmp_path, token=token)) as server:
-        url = server.serving.http_url
+        url = server.url
         async with http.get(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"}) as response:
             assert response.status == 200
         quoted = urllib.parse.quote(token, safe="")
@@ -202,7 +202,7 @@ async def test_the_token_never_reaches_the_logs(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     async with running(worker_config(tmp_path, token=TOKEN, log_level="debug")) as server:
-        url = server.serving.http_url
+        url = server.url
         async with http.get(f"{url}/metrics", params={"token": TOKEN}) as response:
             assert response.status == 200
         async with http.get(f"{url}/metrics", params={"token": TOKEN + "x"}) as response:
@@ -237,7 +237,7 @@ def _ref(data: dict[str, object]) -> dict[str, str]:
 async def test_v1_json_upload_round_trips_and_deduplicates(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     body = json.dumps({"type": "Tensor", "data": {"values": [1.0, 2.5, -3.0], "shape": [3]}})
     async with running(worker_config(tmp_path)) as server:
-        url = server.serving.http_url
+        url = server.url
         async with http.post(f"{url}/upload", data=body, headers={"Content-Type": "application/json"}) as response:
             assert response.status == 200
             first = await response.json()
@@ -261,7 +261,7 @@ async def test_v2_frame_upload_round_trips_and_converts_to_v1(tmp_path: Path, ht
     array = np.arange(6, dtype=np.float32).reshape(2, 3)
     frame = v2.encode_value_frame({"x": array, "note": "é"})
     async with running(worker_config(tmp_path)) as server:
-        url = server.serving.http_url
+        url = server.url
         async with http.post(f"{url}/upload", data=frame, headers={"Content-Type": V2}) as response:
             assert response.status == 200
             ref = await response.json()
@@ -288,7 +288,7 @@ async def test_msgpack_upload_is_accepted(tmp_path: Path, http: aiohttp.ClientSe
 
     body = msgpack.packb({"type": "Json", "data": {"a": 1}})
     async with running(worker_config(tmp_path)) as server:
-        url = server.serving.http_url
+        url = server.url
         async with http.post(f"{url}/upload", data=body, headers={"Content-Type": "application/msgpack"}) as response:
             assert response.status == 200
             ref = await response.json()
@@ -302,7 +302,7 @@ async def test_values_v1_cannot_carry_are_not_acceptable_as_json(tmp_path: Path,
 
     cloudpickle.register_pickle_by_value(__import__(__name__))
     async with running(worker_config(tmp_path)) as server:
-        url = server.serving.http_url
+        url = server.url
         for value in ([1.0, math.nan], {"obj": Opaque(3)}):
             frame = v2.encode_value_frame(value)
             async with http.post(f"{url}/upload", data=frame, headers={"Content-Type": V2}) as response:
@@ -317,7 +317,7 @@ async def test_values_v1_cannot_carry_are_not_acceptable_as_json(tmp_path: Path,
 
 async def test_undecodable_uploads_are_refused_and_not_kept(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     async with running(worker_config(tmp_path)) as server:
-        url = server.serving.http_url
+        url = server.url
         bodies = [
             (b'{"type": "Tensor", "data": {"values": [1.0], "shape": [5]}}', "application/json"),
             (b"{not json", "application/json"),
@@ -341,7 +341,7 @@ async def test_oversized_uploads_get_413_by_length_and_while_streaming(
             yield body[start : start + 500]
 
     async with running(worker_config(tmp_path, max_upload_bytes=1000)) as server:
-        url = server.serving.http_url
+        url = server.url
         async with http.post(f"{url}/upload", data=body) as response:
             assert response.status == 413
         async with http.post(f"{url}/upload", data=chunks()) as response:
@@ -354,7 +354,7 @@ async def test_oversized_uploads_get_413_by_length_and_while_streaming(
 
 async def test_references_outside_the_stores_are_forbidden(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     async with running(worker_config(tmp_path)) as server:
-        url = server.serving.http_url
+        url = server.url
         store_dir = tmp_path / "temp" / "store"
         escape = store_dir / "escape.json"
         escape.symlink_to("/etc/passwd")
@@ -366,7 +366,7 @@ async def test_references_outside_the_stores_are_forbidden(tmp_path: Path, http:
 
 async def test_bad_missing_and_unsupported_references(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     async with running(worker_config(tmp_path)) as server:
-        url = server.serving.http_url
+        url = server.url
         async with http.get(f"{url}/download") as response:
             assert response.status == 400
         async with http.get(f"{url}/download", params={"ref": "{nope"}) as response:
@@ -390,7 +390,7 @@ async def test_data_store_files_are_served_read_only(tmp_path: Path, http: aioht
     np.save(data / "matrix.npy", np.eye(2))
     (data / "value.json").write_text(json.dumps({"type": "Json", "data": [1, 2]}))
     async with running(worker_config(tmp_path, data_store=data)) as server:
-        url = server.serving.http_url
+        url = server.url
         ref = _ref({"type": "Local", "path": str(data / "matrix.npy")})
         async with http.get(f"{url}/download", params=ref, headers={"Accept": V2}) as response:
             np.testing.assert_array_equal(v2.decode_value_frame(await response.read(), "client"), np.eye(2))
@@ -401,7 +401,7 @@ async def test_data_store_files_are_served_read_only(tmp_path: Path, http: aioht
 
 async def test_idle_uploads_are_swept_after_the_ttl(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     async with running(worker_config(tmp_path, store_ttl=1.0, store_sweep=1.0)) as server:
-        url = server.serving.http_url
+        url = server.url
         async with http.post(f"{url}/upload", data=v2.encode_value_frame([1, 2, 3])) as response:
             ref = await response.json()
         stored = tmp_path / "temp" / "store" / f"{ref['cache_key']}.soma"
@@ -419,7 +419,7 @@ async def test_requests_are_counted_by_type_and_outcome(tmp_path: Path, http: ai
     from _server_support import WireClient
 
     async with running(worker_config(tmp_path)) as server:
-        url = server.serving.http_url
+        url = server.url
         async with WireClient.connect(http, url) as client:
             await client.request(Ping(id="p1"))
             await client.request(Ping(id="p2"))
