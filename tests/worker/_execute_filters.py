@@ -277,3 +277,43 @@ class TorchRegressor:
         import torch
 
         return self.module(torch.as_tensor(x, dtype=torch.float32))
+
+
+class BytesState:
+    """Trainable: its state is ``n`` bytes (sizes a returned state precisely)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def fit(self, x: Any, y: Any = None) -> bytes:
+        return b"s" * self.n
+
+    def forward(self, x: Any, state: Any) -> Any:
+        return len(state) if isinstance(state, bytes) else x
+
+
+class Describe:
+    """Stateless: a description of a fan-in dict or value, for comparing inline and referenced inputs."""
+
+    def forward(self, x: Any, state: Any) -> Any:
+        return repr(x)
+
+
+class FitDescribe:
+    """Trainable: fit records repr of x and y; forward reports repr of the state and x."""
+
+    def fit(self, x: Any, y: Any = None) -> str:
+        return repr((x, y))
+
+    def forward(self, x: Any, state: Any) -> Any:
+        return repr((state, x))
+
+
+class Text:
+    """Stateless: a string of ``n`` characters."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def forward(self, x: Any, state: Any) -> str:
+        return "x" * self.n

@@ -727,10 +727,13 @@ class PlanExecutor:
         threshold = self._config.inline_threshold
         try:
             if dialect == "v1":
-                if state or v1.encoded_size(value) < threshold:
+                if state:
                     return value
-                body = json.dumps(v1.encode_value(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-                key = self._store.put_bytes(body.encode(), ".json")
+                encoded = v1.encode_value(value, "output")
+                body = json.dumps(encoded, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+                if len(body) < threshold:
+                    return value
+                key = self._store.put_bytes(body, ".json")
                 return LocalRef(path=str(self._store.path_for(key)))
             if v2.encoded_size(value) < threshold:
                 return value

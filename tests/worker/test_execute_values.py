@@ -1,0 +1,86 @@
+"""Inline versus reference (worker spec §4.5), in both directions, at the exact threshold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import _execute_filters as F
+from _execute_support import chain, filt, fit_mode, plan, rig, success
+
+from soma.wire import v1, v2
+from soma.wire.messages import CachedRef, LocalRef
+
+THRESHOLD = 4096
+
+
+def _sized(size: int, make: Any = lambda n: b"x" * n, measure: Any = v2.encoded_size) -> int:
+    """The length ``n`` for which ``make(n)`` has exactly ``size`` encoded bytes."""
+    n = size
+    while measure(make(n)) > size:
+        n -= 1
+    assert measure(make(n)) == size
+    return n
+
+
+async def test_outputs_and_returned_states_go_by_reference_from_the_threshold_on(tmp_path: Path) -> None:
+    under, at = _sized(THRESHOLD - 1), _sized(THRESHOLD)
+    async with rig(tmp_path, inline_threshold=THRESHOLD) as r:
+        inline = success(await r.run(plan(chain("b"), [filt("b", F.Bytes(under))], input=None)))
+        assert inline.output == b"x" * under
+        referenced = success(await r.run(plan(chain("b"), [filt("b", F.Bytes(at))], input=None)))
+        assert isinstance(referenced.output, CachedRef) and referenced.output.size is not None
+        stored = r.store.find_cached(referenced.output.cache_key)
+        assert v2.decode_value_frame(stored.read_bytes(), "client") == b"x" * at
+
+        states = {}
+        for n in (under, at):
+            msg = plan(chain("s"), [filt("s", F.BytesState(n), trainable=True)], input=[1], mode=fit_mode())
+            states[n] = success(await r.run(msg)).states["s"]
+        assert states[under] == b"s" * under
+        assert isinstance(states[at], CachedRef)
+        assert v2.decode_value_frame(r.store.find_cached(states[at].cache_key).read_bytes(), "client") == b"s" * at
+
+
+async def test_inputs_labels_external_outputs_and_states_resolve_the_same_inline_or_by_reference(tmp_path: Path) -> None:
+    value = {"rows": list(range(300)), "tag": "ü"}
+    async with rig(tmp_path, inline_threshold=THRESHOLD) as r:
+        key = r.store.put_bytes(v2.encode_value_frame(value), ".soma")
+        ref = CachedRef(cache_key=key)
+
+        def fit_plan(x: Any, y: Any) -> Any:
+            return plan(chain("f"), [filt("f", F.FitDescribe(), trainable=True)], input=x, mode=fit_mode(y=y))
+
+        def forward_plan(x: Any, external: Any, state: Any) -> Any:
+            return plan(
+                chain("f"),
+                [filt("f", F.FitDescribe(), trainable=True, state=state)],
+                edges=[("outside", "f")],
+                external={"outside": external},
+                input=x,
+            )
+
+        assert success(await r.run(fit_plan(value, value))).states == success(await r.run(fit_plan(ref, ref))).states
+        inline = success(await r.run(forward_plan(None, value, value))).output
+        assert inline == success(await r.run(forward_plan(None, ref, ref))).output
+        assert repr(value) in inline
+
+
+async def test_v1_inputs_and_outputs_use_local_references(tmp_path: Path) -> None:
+    def text(n: int) -> str:
+        return "x" * n
+
+    under, at = _sized(THRESHOLD - 1, text, v1.encoded_size), _sized(THRESHOLD, text, v1.encoded_size)
+    async with rig(tmp_path, inline_threshold=THRESHOLD) as r:
+        inline = success(await r.run(plan(chain("t"), [filt("t", F.Text(under))], dialect="v1", input=None)))
+        assert inline.output == "x" * under
+        referenced = success(await r.run(plan(chain("t"), [filt("t", F.Text(at))], dialect="v1", input=None)))
+        assert isinstance(referenced.output, LocalRef)
+        path = Path(referenced.output.path)
+        assert path.parent == r.store.store_dir
+        assert v1.decode_value(json.loads(path.read_text())) == "x" * at
+
+        uploaded = r.store.put_bytes(json.dumps(v1.encode_value([1.0, 2.0])).encode(), ".json")
+        msg = plan(chain("d"), [filt("d", F.Describe())], dialect="v1", input=LocalRef(path=str(r.store.path_for(uploaded))))
+        assert success(await r.run(msg)).output == repr([1.0, 2.0])
