@@ -541,8 +541,12 @@ def test_registered_runner_kind_executes_subprocess_nodes() -> None:
     assert opened[-1].node_ids == ("add_one",)
 
 
-def test_subprocess_target_runs_in_process_until_a_runner_is_registered() -> None:
-    g = Graph()
+def test_a_runner_kind_without_a_factory_runs_in_process() -> None:
+    class LocalOnly(Graph):
+        def _runner_factories(self) -> dict[str, Any]:
+            return {"local": InProcessRunner}
+
+    g = LocalOnly()
     nid = g.node(AddOne(), target="subprocess")
     events: list[dict[str, Any]] = []
     g.on_event(events.append, event_types=["NodeStarted"])
