@@ -244,7 +244,9 @@ def test_the_wire_layer_imports_nothing_above_it() -> None:
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('aiohttp', 'torch')"
         " or m.startswith(('soma.worker', 'soma.client', 'soma.graph', 'soma.runtime'))))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
     assert done.stdout.strip() == "[]"
 
 

@@ -17,6 +17,7 @@ from hypothesis.extra import numpy as hnp
 from soma.isolation.markers import Opaque
 from soma.wire import messages as m
 from soma.wire import v1, v2
+from soma.wire.schema import wire_fields
 
 V1_SAMPLES = messages(v2=False)
 V2_SAMPLES = messages(v2=True)
@@ -51,6 +52,14 @@ def test_v1_msgpack_named_map_round_trip(message: m.Request | m.Reply) -> None:
 @pytest.mark.parametrize("side", ["worker", "client"])
 def test_v2_frame_round_trip(message: m.Request | m.Reply, side: v2.Side) -> None:
     assert same(v2.decode(v2.encode_frame(message), side), message)
+
+
+@pytest.mark.parametrize("message", V1_SAMPLES, ids=_ids(V1_SAMPLES))
+def test_v1_msgpack_positional_arrays_decode(message: m.Request | m.Reply) -> None:
+    named = msgpack.unpackb(v1.encode_stream(message))
+    names = [f.name for f in wire_fields(type(message), "v1")]
+    positional = [named.pop("type"), *(named.get(name) for name in names)]
+    assert same(v1.decode_stream(msgpack.packb(positional)), message)
 
 
 def test_v1_stream_messages_default_to_binary_frames_and_others_to_text() -> None:

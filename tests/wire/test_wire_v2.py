@@ -489,3 +489,12 @@ def test_a_100_mb_array_encodes_and_decodes_without_copies_fast() -> None:
     assert np.shares_memory(on_client, np.frombuffer(writable, np.uint8))
     assert on_client.shape == array.shape and on_client[-1] == 1.0
     assert elapsed < 0.1, f"encode+decode of 100 MB took {elapsed:.3f} s"
+
+
+def test_error_texts_arrive_intact() -> None:
+    text = 'quote " backslash \\ newline \n nul \x00 é 漢字 \u2028 🙂'
+    error = m.make_error("user_error", text, worker_id="w", re="r", details={"why": text})
+    assert v2.decode(v2.encode_frame(error), "client") == error
+    failure = m.PlanFailure(error=m.ErrorInfo(code="user_error", kind="Python", message=text, traceback=text))
+    reply = v2.decode(v2.encode_frame(m.PlanResult(worker_id="w", plan_id="p", result=failure)), "client")
+    assert reply.result == failure

@@ -532,8 +532,6 @@ class _Decoder:
         buffers = [self.buffer(i) for i in oob]
         if self.side == "worker":
             return Opaque(data=bytes(data), buffers=list(buffers))
-        import cloudpickle  # noqa: F401 - by-value pickles reference cloudpickle helpers
-
         try:
             return pickle.loads(data, buffers=[bytearray(b) for b in buffers])
         except Exception as exc:  # unpickling runs the sender's reconstructors; any failure is theirs
