@@ -257,6 +257,7 @@ def test_restricted_loads_accepts_markers_and_numpy_scalars(pipe: tuple[int, int
         bytearray(b"z"),
         np.datetime64("2020-01-01"),
         np.zeros(2, dtype=[("a", "<f4"), ("b", "i8")]),
+        np.asfortranarray(np.arange(6.0).reshape(2, 3)),
     ]
     channel.write_frame(w, message)
     received = read_soon(r, loads=channel.restricted_loads)
@@ -265,6 +266,7 @@ def test_restricted_loads_accepts_markers_and_numpy_scalars(pipe: tuple[int, int
     assert received[4:8] == message[4:8]
     assert received[8] == message[8]
     assert received[9].dtype == message[9].dtype  # type: ignore[union-attr]
+    np.testing.assert_array_equal(received[10], message[10])  # Fortran order travels out of band too
 
 
 class _Evil:

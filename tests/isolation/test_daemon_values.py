@@ -113,6 +113,18 @@ class Unencodable:
         return threading.Lock()
 
 
+class ExitsWhenPickled:
+    def __reduce__(self) -> Any:
+        raise SystemExit(2)
+
+
+class ReturnsExitsWhenPickled:
+    _kind = "stateless"
+
+    def forward(self, x: Any, state: Any) -> Any:
+        return ExitsWhenPickled()
+
+
 class Point:
     """A user class defined in the client's module."""
 
@@ -422,6 +434,13 @@ def test_unencodable_output_is_an_encoding_error_naming_node_and_type(daemon: Da
     assert error["code"] == "encoding_error" and error["node_id"] == "u"
     assert "lock" in error["message"].lower() and "'u'" in error["message"]
     assert daemon.ok("FORWARD", node_id="id", data=3)["result"] == 3
+
+
+def test_sys_exit_while_encoding_an_output_is_an_encoding_error(daemon: DaemonProcess) -> None:
+    load(daemon, spec("e", ReturnsExitsWhenPickled()), spec("id", Identity()))
+    error = daemon.error("FORWARD", node_id="e", data=None)
+    assert error["code"] == "encoding_error" and "ExitsWhenPickled" in error["message"]
+    assert daemon.ok("FORWARD", node_id="id", data=4)["result"] == 4
 
 
 def test_pid_is_stable_across_tenants(daemon: DaemonProcess) -> None:

@@ -8,11 +8,15 @@ One frame carries one message (isolation.md §3.1)::
 All integers are little-endian. Out-of-band buffers (numpy arrays, tensor bytes) are
 never copied into the payload: the writer hands their memory to ``os.writev`` and the
 reader fills one pre-sized buffer per array, so an array costs one copy per side and
-arrives writable.
+arrives writable. Small buffers arrive as ``bytearray``; large ones as a
+``pickle.PickleBuffer`` over memory faulted in up front (first-touch page faults
+otherwise halve the reader's speed), which still pickles, out of band, when a parent
+relays it to another channel.
 
 Waking a process blocked in ``poll`` costs tens of microseconds each way, which
-dominates small calls, so ``read_frame`` first spins on non-blocking reads for a short,
-bounded time (``SPIN_SECONDS``) before it blocks; an idle reader therefore burns no CPU.
+dominates small calls, so a reader first spins on a zero-timeout ``poll`` for at most
+``SPIN_SECONDS`` before it sleeps. The spin adapts per fd: where it does not pay off
+(busy machine, slow peer) it shrinks to nothing, so an idle reader burns no CPU.
 
 Stdlib only: the parent (which never unpickles user objects, see ``restricted_loads``)
 and the child both import this module.
@@ -49,7 +53,7 @@ VERSION = 1
 MAX_BUFFERS = 1_000_000
 DEFAULT_MAX_FRAME = 64 << 30
 SPIN_SECONDS = 200e-6
-"""How long a reader polls a silent fd with non-blocking reads before it sleeps in ``poll``."""
+"""The longest a reader spins on a silent fd before it sleeps in ``poll``."""
 
 _HEADER = struct.Struct("<4sIQI")
 _LENGTH = struct.Struct("<Q")

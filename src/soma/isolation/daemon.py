@@ -607,7 +607,7 @@ class Daemon:
         if kind is Opaque:
             try:
                 return cloudpickle.loads(value.data, buffers=value.buffers)
-            except Exception as exc:
+            except BaseException as exc:  # unpickling runs user code (__setstate__, reducers)
                 raise CommandError(
                     "unpickle_error",
                     f"cannot unpickle a value: {type(exc).__name__}: {exc}; a module it needs may be "
@@ -644,7 +644,7 @@ class Daemon:
         buffers: list[pickle.PickleBuffer] = []
         try:
             data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
-        except Exception as exc:
+        except BaseException as exc:  # pickling runs user code (__reduce__, __getstate__)
             raise CommandError(
                 "encoding_error",
                 f"cannot encode a {kind.__module__}.{kind.__qualname__} from node {node_id!r}: "
@@ -1035,10 +1035,10 @@ def _is_plain_numpy(value: object) -> bool:
 def _blob(value: Any, node_id: str | None) -> bytes:
     try:
         return pickle.dumps(value, protocol=5)
-    except Exception:  # noqa: BLE001 - any pickling failure falls back to cloudpickle, per the cache format
+    except Exception:  # noqa: BLE001 - the cache format falls back to cloudpickle on any pickling failure
         try:
             return cloudpickle.dumps(value, protocol=5)
-        except Exception as exc:
+        except BaseException as exc:  # pickling runs user code (__reduce__, __getstate__)
             raise CommandError(
                 "encoding_error",
                 f"cannot pickle the {type(value).__name__} from node {node_id!r} into a cache blob: {exc}",
