@@ -462,12 +462,15 @@ class Child:
         *,
         timeout: float,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
+        budget: float | None = None,
         **fields: Any,
     ) -> dict[str, Any]:
         """Send one request and return its reply dict (``{"kind": "reply", "ok": True, ...}``).
 
         ``timeout`` (seconds; ``math.inf`` only where the caller really sets no limit) is
-        capped per command by ``COMMAND_CAPS``. Progress frames go to ``on_progress``.
+        capped per command by ``COMMAND_CAPS``; when it is what remains of a larger time
+        limit, ``budget`` names that limit in the timeout message. Progress frames go to
+        ``on_progress``.
         Raises ``ChildFailure``: the child's code for an error reply, or ``encoding_error``
         for a request that cannot be pickled (the child stays usable in both cases), or a
         parent code when the child died, was killed, timed out or broke the protocol (the
@@ -489,7 +492,8 @@ class Child:
             request_id = next(self._ids)
             deadline = None if limit == math.inf else time.monotonic() + limit
             where = f" on node `{node_id}`" if node_id is not None else ""
-            self._limit_note = f"{cmd}{where} ran past its {limit:g} s limit"
+            shown = budget if budget is not None and limit == timeout else limit
+            self._limit_note = f"{cmd}{where} ran past its {shown:.3g} s limit"
             try:
                 reply = self._exchange({"id": request_id, "cmd": cmd, **fields}, request_id, cmd, deadline, on_progress)
             except ChildFailure:

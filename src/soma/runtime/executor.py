@@ -336,7 +336,10 @@ class InProcessRunner:
 
 def default_runners() -> dict[str, RunnerFactory]:
     """The runner factories available in this process, by runner kind."""
-    return {"local": InProcessRunner}
+    # Imported here: the subprocess runner imports this module for RunnerSpec.
+    from soma.runtime.subprocess_runner import SubprocessRunner
+
+    return {"local": InProcessRunner, "subprocess": SubprocessRunner}
 
 
 @dataclass(frozen=True)
