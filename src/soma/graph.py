@@ -398,8 +398,12 @@ class Graph:
         return default_runners()
 
     def _remote_runner_factory(self) -> RemoteRunnerFactory | None:
-        """The factory of runners for ``Remote`` blocks, or ``None`` when remote execution is unavailable."""
-        return None
+        """The factory of runners for ``Remote`` blocks (``soma.client.remote``), ``None`` without workers."""
+        if not self._workers:
+            return None
+        from soma.client.remote import remote_runner_factory
+
+        return remote_runner_factory(self._nodes, self._workers, self._cache)
 
     def _warn_uncached(self, node_id: str, reason: str) -> None:
         with self._warn_lock:
@@ -739,6 +743,23 @@ class Graph:
             "path": str(Path(path)),
             "cache_dir": None if cache_dir is None else str(Path(cache_dir)),
         }
+
+    def shutdown_worker(self, address: str, reason: str | None = None) -> None:
+        """Ask a worker to drain and stop, with the token registered for it (none if unregistered).
+
+        Returns at the worker's acknowledgement, within 2 s, without waiting for it to
+        exit. Raises ``RemoteError`` when the worker cannot be reached or refuses.
+        """
+        from soma.client.remote import shutdown_worker
+
+        normalised = _worker_address(address)
+        shutdown_worker(normalised, self._workers.get(normalised, {}).get("token"), reason)
+
+    def shutdown_workers(self, reason: str | None = None) -> None:
+        """``shutdown_worker`` for every direct worker; failures come back as one ``SomaWarning``."""
+        from soma.client.remote import shutdown_workers
+
+        shutdown_workers(self._workers, reason)
 
     @property
     def data_store(self) -> dict[str, Any] | None:

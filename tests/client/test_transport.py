@@ -11,9 +11,17 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from soma.client.transport import ClientState, RemoteClient, Timeout, client_for, close_all
-from soma.errors import ProtocolError, RemoteError, RemoteTimeoutError
-from soma.wire.messages import AssignPlan, CachedRef, Event, PlanResult, SerializedPlan
+from soma.client.transport import ClientState, RemoteClient, Timeout, client_for, close_all, error_from_reply
+from soma.errors import (
+    ChildError,
+    ChildTimeoutError,
+    FilterError,
+    ProtocolError,
+    RemoteError,
+    RemoteTimeoutError,
+    RowMismatchError,
+)
+from soma.wire.messages import AssignPlan, CachedRef, ErrorInfo, Event, PlanResult, SerializedPlan, make_error
 
 from _fake_worker import FakeWorker
 
@@ -196,3 +204,53 @@ def test_shared_clients_are_keyed_by_address_and_token(fake: FakeWorker) -> None
     finally:
         close_all()
     assert a.state is ClientState.CLOSED
+
+
+# ---------------------------------------------------------------------------- error mapping
+
+WHERE = "ws://10.0.0.1:8080"
+
+
+def test_user_errors_become_filter_errors_with_the_remote_traceback() -> None:
+    info = ErrorInfo(
+        code="user_error",
+        kind="Python",
+        message="bad input",
+        node_id="scaler",
+        method="fit",
+        python_type="KeyError",
+        traceback="Traceback ...\nKeyError: 'bad input'",
+    )
+    error = error_from_reply(info, where=WHERE, phase="fit")
+    assert isinstance(error, FilterError)
+    assert str(error) == "Python fit() error: KeyError: bad input"
+    assert error.node_id == "scaler" and error.phase == "fit" and error.code == "user_error"
+    assert error.retryable is False and error.remote_traceback.endswith("KeyError: 'bad input'")
+    assert isinstance(error.__cause__, KeyError)
+    custom = error_from_reply(
+        ErrorInfo(code="user_error", kind="Python", message="Python forward() error: MyError: x", method="forward", python_type="MyError"),
+        where=WHERE,
+    )
+    assert str(custom) == "Python forward() error: MyError: x" and custom.__cause__ is None
+
+
+def test_child_failures_name_the_worker() -> None:
+    crashed = error_from_reply(
+        make_error("child_crashed", "killed by SIGSEGV", details={"signal": "SIGSEGV", "rss": 123}), where=WHERE
+    )
+    assert type(crashed) is ChildError and crashed.where == WHERE and crashed.retryable
+    assert crashed.signal == "SIGSEGV" and crashed.rss == 123
+    memory = error_from_reply(ErrorInfo(code="memory_limit", kind="Resource", message="over 1 GiB", node_id="n"), where=WHERE)
+    assert type(memory) is ChildError and memory.code == "memory_limit" and memory.node_id == "n" and not memory.retryable
+    slow = error_from_reply(ErrorInfo(code="timeout", kind="Resource", message="ran past 2 s"), where=WHERE)
+    assert isinstance(slow, ChildTimeoutError) and isinstance(slow, TimeoutError) and slow.where == WHERE
+
+
+def test_protocol_and_other_codes_map_to_remote_errors() -> None:
+    mismatch = error_from_reply(make_error("protocol_mismatch", "speaks [1, 2]"), where=WHERE)
+    assert isinstance(mismatch, ProtocolError) and mismatch.code == "protocol_mismatch"
+    rows = error_from_reply(make_error("row_mismatch", "x and y have different numbers of rows: 5 vs 4"), where=WHERE)
+    assert isinstance(rows, RowMismatchError) and (rows.x_rows, rows.y_rows) == (5, 4) and rows.code == "row_mismatch"
+    busy = error_from_reply(make_error("busy", "no slot"), where=WHERE, node_id="a")
+    assert type(busy) is RemoteError and str(busy) == "remote: no slot"
+    assert (busy.code, busy.retryable, busy.node_id) == ("busy", True, "a")

@@ -28,15 +28,17 @@ import builtins
 import concurrent.futures
 import dataclasses
 import enum
+import functools
 import itertools
 import json
 import os
 import platform
 import queue
 import re
+import sys
 import threading
 import urllib.parse
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -95,6 +97,7 @@ SUBPROTOCOL = "soma.v2"
 V2_CONTENT_TYPE = "application/vnd.soma.v2"
 
 T = TypeVar("T")
+Body = bytes | Sequence[bytes | memoryview]
 
 
 class _Default:
@@ -205,10 +208,10 @@ class Transport(Protocol):
         url: str,
         *,
         headers: Mapping[str, str],
-        body: bytes | None = None,
+        body: Body | None = None,
         timeout: Timeout,
     ) -> HttpResponse:
-        """One HTTP request; any status comes back as a response."""
+        """One HTTP request; any status comes back as a response. A body given as parts is streamed."""
         ...
 
     async def aclose(self) -> None:
@@ -316,15 +319,21 @@ class AiohttpTransport:
         url: str,
         *,
         headers: Mapping[str, str],
-        body: bytes | None = None,
+        body: Body | None = None,
         timeout: Timeout,
     ) -> HttpResponse:
         import aiohttp
 
         limits = aiohttp.ClientTimeout(total=None, sock_connect=timeout.connect, sock_read=timeout.silence)
+        all_headers = dict(headers)
+        data: Any = body
+        if body is not None and not isinstance(body, bytes):
+            # Streamed part by part with a known length: large buffers are never joined or copied.
+            all_headers["Content-Length"] = str(sum(memoryview(part).nbytes for part in body))
+            data = _stream(body)
         try:
             async with self._client_session().request(
-                method, url, data=body, headers=dict(headers), timeout=limits, allow_redirects=False
+                method, url, data=data, headers=all_headers, timeout=limits, allow_redirects=False
             ) as response:
                 data = await response.read()
                 return HttpResponse(response.status, response.content_type, data)
@@ -341,6 +350,11 @@ class AiohttpTransport:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+async def _stream(parts: Sequence[bytes | memoryview]) -> AsyncIterator[bytes | memoryview]:
+    for part in parts:
+        yield part
 
 
 def _redact(url: str) -> str:
@@ -458,7 +472,12 @@ def _ws_base(address: str) -> str:
 
 def runtime_versions() -> dict[str, Any]:
     """What this client runs (``Hello.client`` and a plan's ``runtime``): torch only if already imported."""
-    import sys
+    torch = sys.modules.get("torch")
+    return {**_fixed_versions(), "torch": getattr(torch, "__version__", None) if torch is not None else None}
+
+
+@functools.cache
+def _fixed_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     import cloudpickle
@@ -468,13 +487,11 @@ def runtime_versions() -> dict[str, Any]:
         soma_version = version("soma-runtime")
     except PackageNotFoundError:  # pragma: no cover - only in an uninstalled source tree
         soma_version = "0+unknown"
-    torch = sys.modules.get("torch")
     return {
         "python": platform.python_version(),
         "cloudpickle": cloudpickle.__version__,
         "soma": soma_version,
         "numpy": numpy.__version__,
-        "torch": getattr(torch, "__version__", None) if torch is not None else None,
     }
 
 
@@ -781,8 +798,12 @@ class AsyncRemoteClient:
 
     # -- HTTP -----------------------------------------------------------------------------
 
-    async def upload_frame(self, frame: bytes) -> CachedRef:
-        """Store one encoded value frame (``v2.encode_value_frame``) on the worker; returns its reference."""
+    async def upload_frame(self, frame: Body) -> CachedRef:
+        """Store one encoded value frame on the worker; returns its reference.
+
+        ``frame`` is ``v2.encode_value_frame(value)`` or its parts
+        (``v2.encode_value_frame_parts``), which are streamed without being joined.
+        """
         response = await self._transport.request(
             "POST",
             f"{self._http}/upload",
@@ -801,10 +822,10 @@ class AsyncRemoteClient:
     async def upload(self, value: Any) -> CachedRef:
         """Store ``value`` on the worker (one v2 value frame); returns its reference."""
         try:
-            frame = v2.encode_value_frame(value)
+            parts = v2.encode_value_frame_parts(value)
         except WireError as exc:
             raise RemoteError(f"cannot encode a value for upload: {exc.message}", code=exc.code) from exc
-        return await self.upload_frame(frame)
+        return await self.upload_frame(parts)
 
     async def download(self, ref: DataRef) -> Any:
         """The value a worker stored under ``ref``; raises (never returns ``None``) when it cannot be had."""
@@ -983,8 +1004,8 @@ class RemoteClient:
         """Store ``value`` on the worker; its reference."""
         return self._call(self._core.upload(value))
 
-    def upload_frame(self, frame: bytes) -> CachedRef:
-        """Store an already encoded value frame on the worker; its reference."""
+    def upload_frame(self, frame: Body) -> CachedRef:
+        """Store an already encoded value frame (bytes or its parts) on the worker; its reference."""
         return self._call(self._core.upload_frame(frame))
 
     def download(self, ref: DataRef) -> Any:
