@@ -317,3 +317,20 @@ class Text:
 
     def forward(self, x: Any, state: Any) -> str:
         return "x" * self.n
+
+
+class Holder:
+    """A user object in a state: what v1 cannot express but must carry back unchanged."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class ObjectState:
+    """Trainable: its state holds a ``Holder``; forward reads it back."""
+
+    def fit(self, x: Any, y: Any = None) -> dict[str, Any]:
+        return {"holder": Holder(sum(x))}
+
+    def forward(self, x: Any, state: Any) -> Any:
+        return [v + state["holder"].value for v in x]

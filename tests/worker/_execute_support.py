@@ -32,7 +32,7 @@ from soma.wire.messages import (
     SerializedPlan,
 )
 from soma.worker.config import WorkerConfig
-from soma.worker.detect import Effective
+from soma.worker.detect import Effective, GpuDevice
 from soma.worker.execute import PlanExecutor
 from soma.worker.store import Store
 
@@ -164,6 +164,7 @@ async def rig(
     tmp_path: Path,
     *,
     cpu_cores: int = 2,
+    gpu_devices: tuple[GpuDevice, ...] = (),
     memory_watch: MemoryWatch | None = None,
     pool_options: Mapping[str, Any] | None = None,
     **overrides: Any,
@@ -180,7 +181,7 @@ async def rig(
     config = WorkerConfig(**options)
     store = Store(config.temp_dir, ttl=3600).open()
     pool = Pool(max_idle=config.max_concurrent, idle_ttl=60, memory_watch=memory_watch, **(pool_options or {}))
-    caps = Effective(cpu_cores=cpu_cores, ram_bytes=8 << 30, gpus=(), python_envs=(), tags=("cpu",))
+    caps = Effective(cpu_cores=cpu_cores, ram_bytes=8 << 30, gpus=gpu_devices, python_envs=(), tags=("cpu",))
     executor = PlanExecutor(config, pool=pool, store=store, capabilities=caps)
     try:
         yield Rig(executor, pool, store, config)

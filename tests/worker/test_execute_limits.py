@@ -15,6 +15,7 @@ from _execute_support import RecordingConnection, chain, failure, filt, fit_mode
 
 from soma.isolation.limits import MemoryWatch
 from soma.wire.messages import Error
+from soma.worker.detect import GpuDevice
 from soma.worker.execute import PlanExecutor
 
 
@@ -190,3 +191,37 @@ async def test_children_get_the_gpu_thread_and_cpu_limits(tmp_path: Path, monkey
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     async with rig(tmp_path / "operator", cpus=1, max_concurrent=4, cpu_cores=1) as r:
         assert success(await r.run(probe)).output["OMP_NUM_THREADS"] == "3"
+
+
+async def test_gpu_plans_get_exclusive_gpus_and_others_see_every_allowed_gpu(tmp_path: Path) -> None:
+    gpus = tuple(GpuDevice(index=i, uuid=f"GPU-{i}", name="Test GPU", memory_bytes=1 << 30) for i in range(2))
+    probe = [filt("env", F.Environment()), filt("s", F.Sleeper(0.5))]
+    async with rig(tmp_path, gpu_devices=gpus, max_concurrent=3) as r:
+        def gpu_plan(count: int | None) -> object:
+            resources = None if count is None else {"gpus": count}
+            return plan(chain("env", "s"), probe, input=None, outputs=["env"], resources=resources)
+
+        one, two = await asyncio.gather(r.run(gpu_plan(1)), r.run(gpu_plan(1)))
+        seen = {success(one).output["CUDA_VISIBLE_DEVICES"], success(two).output["CUDA_VISIBLE_DEVICES"]}
+        assert seen == {"GPU-0", "GPU-1"}
+        assert success(await r.run(gpu_plan(None))).output["CUDA_VISIBLE_DEVICES"] == "GPU-0,GPU-1"
+        assert success(await r.run(gpu_plan(0))).output["CUDA_VISIBLE_DEVICES"] == ""
+        started = time.monotonic()
+        both, single = await asyncio.gather(r.run(gpu_plan(2)), r.run(gpu_plan(1)))
+        assert success(both).output["CUDA_VISIBLE_DEVICES"] == "GPU-0,GPU-1"
+        assert time.monotonic() - started >= 1.0  # the second plan waited for the GPUs like a slot
+        success(single)
+
+
+async def test_drain_lets_running_plans_finish_refuses_new_ones_and_cancels_the_rest(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        short = asyncio.create_task(r.run(_sleep(0.5)))
+        long = asyncio.create_task(r.run(_sleep(60.0)))
+        await asyncio.sleep(0.3)
+        draining = asyncio.create_task(r.executor.drain(1.5))
+        await asyncio.sleep(0.05)
+        refused = await r.run(_sleep(0.0))
+        assert isinstance(refused, Error) and refused.code == "shutting_down" and refused.retryable
+        success(await short)
+        assert failure(await long).error.code == "cancelled"
+        await draining

@@ -60,10 +60,17 @@ async def test_gradient_steps_in_a_session_match_a_hand_computed_update(tmp_path
         assert isinstance(cleared, GradientsResult) and cleared.missing == ["t"]  # zeroed after the step
 
 
-async def test_owner_fit_states_are_never_cached_and_a_wrong_state_key_is_state_mismatch(tmp_path: Path) -> None:
+async def test_v1_composites_uncached_owner_states_and_strict_state_loading(tmp_path: Path) -> None:
     key = "9" * 64
     conn = RecordingConnection()
-    async with rig(tmp_path) as r:  # one child for both checks: torch is slow to import
+    async with rig(tmp_path) as r:  # one child for all three checks: torch is slow to import
+        # v1 composites run as one COMPOSITE_FIT (phase all) / COMPOSITE_FORWARD command (§6.3, §6.4).
+        expected = F.TorchRegressor().module(torch.as_tensor(X)).detach().numpy()
+        for mode in (fit_mode(y=Y.tolist()), "Forward"):
+            v1_plan = plan(COMPOSITE, [filt("t", F.TorchRegressor(), trainable=True)], dialect="v1", input=X.tolist(), mode=mode)
+            result = success(await r.run(v1_plan))
+            np.testing.assert_allclose(np.asarray(result.output.buffer).view(np.float32).reshape(4, 1), expected, rtol=1e-6)
+            assert ("t" in result.states) == (mode != "Forward")
         for keep in (False, True):
             msg = plan(
                 {"type": "Execute", "node_id": "t"},

@@ -147,3 +147,26 @@ async def test_events_are_sent_only_when_the_client_asks_for_them(tmp_path: Path
         assert isinstance(event["ts"], float) and event["phase"] == "forward"
     for message, _ in asked.frames:
         assert json.loads(v1.encode_json(message))["type"] == "Event"
+
+
+async def test_states_holding_objects_travel_as_pickles_and_come_back_working(tmp_path: Path) -> None:
+    def text(plan_id: str, mode: Any, state: Any) -> str:
+        return json.dumps(
+            {
+                "type": "AssignPlan",
+                "plan": {
+                    "plan_id": plan_id,
+                    "plan": {"Execute": {"node_id": "o"}},
+                    "input": {"source": "Inline", "value": {"type": "Json", "data": [1, 2]}},
+                    "filters": [{"node_id": "o", "pickled_filter": _b64(F.ObjectState()), "state": state, "trainable": True}],
+                    "mode": mode,
+                },
+            }
+        )
+
+    async with rig(tmp_path) as r:
+        fitted = await _run(r, text("p-obj-fit", {"Fit": {"y": None}}, None))
+        state = fitted["result"]["states"]["o"]
+        assert state["type"] == "Bytes" and bytes(state["data"]).startswith(v1.PICKLE_MAGIC)
+        forward = await _run(r, text("p-obj-forward", "Forward", state))
+    assert forward["result"]["output"]["value"]["data"]["values"] == [4.0, 5.0]

@@ -42,7 +42,7 @@ import numpy as np
 from soma.errors import SomaConfigError, SomaError
 from soma.isolation.daemon import is_envelope
 from soma.isolation.limits import affinity_for
-from soma.isolation.markers import Handle, Opaque
+from soma.isolation.markers import Handle, Opaque, TorchData
 from soma.isolation.pool import Pool
 from soma.isolation.process import Child, ChildFailure, ChildSpec
 from soma.log import worker_logger
@@ -415,6 +415,17 @@ def _filter_digest(filters: Mapping[str, SerializedFilter]) -> tuple[tuple[str, 
             for f in filters.values()
         )
     )
+
+
+def _holds_markers(value: Any) -> bool:
+    """Whether a neutral value holds ``Opaque`` or ``TorchData`` markers at any depth."""
+    if isinstance(value, Opaque | TorchData):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_markers(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return any(_holds_markers(item) for item in value)
+    return False
 
 
 def _event(event_type: str, run_id: str, phase: str, **fields: Any) -> dict[str, Any]:
@@ -1384,9 +1395,14 @@ class _PlanRun:
                 await self._keep_output(node_id, reply, out_key)
                 return False
             else:
-                reply = await self._call("FIT", node_id, node_id=node_id, data=x, y=self._y, blob=fit_key is not None)
+                # v1 has no marker encoding: a state holding objects or tensors goes as the child's pickle.
+                want_blob = fit_key is not None or self.spec.dialect == "v1"
+                reply = await self._call("FIT", node_id, node_id=node_id, data=x, y=self._y, blob=want_blob)
                 state = reply.get("result")
-                self._states[node_id] = state
+                if self.spec.dialect == "v1" and _holds_markers(state):
+                    self._states[node_id] = Opaque(reply["blob"], [])
+                else:
+                    self._states[node_id] = state
                 no_user_code = False
                 # Parameter owners train their weights in place: their fit states are never cached.
                 if fit_key is not None and reply.get("blob") is not None and not is_envelope(state):
