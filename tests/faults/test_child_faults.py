@@ -38,7 +38,12 @@ class Scripted:
 
 
 def load(child: Child, action: Any) -> None:
-    entry = {"id": "n", "pickle": cloudpickle.dumps(Scripted(action)), "trainable": True, "differentiable": False}
+    entry = {
+        "id": "n",
+        "pickle": cloudpickle.dumps(Scripted(action)),
+        "trainable": True,
+        "differentiable": False,
+    }
     child.call("LOAD", timeout=30, filters=[entry], runtime=None, seed=None)
 
 
@@ -109,10 +114,15 @@ def test_sigkill_inside_forward_is_a_crash_reported_within_a_second(pool: Pool) 
         dead_pid = child.pid
     failure = info.value
     assert failure.code == "child_crashed" and failure.details["signal"] == "SIGKILL"
-    assert "possibly killed by the kernel OOM killer or the memory watch" in failure.message
+    assert (
+        "possibly killed by the kernel OOM killer or the memory watch"
+        in failure.message
+    )
     assert "FORWARD on node `n`" in failure.message
     error = failure_to_error(failure, where="subprocess", phase="forward")
-    assert isinstance(error, ChildError) and error.signal == "SIGKILL" and error.retryable
+    assert (
+        isinstance(error, ChildError) and error.signal == "SIGKILL" and error.retryable
+    )
     with pool.checkout(ChildSpec()) as child:
         assert child.pid != dead_pid
         load(child, echo)
@@ -155,14 +165,21 @@ def test_endless_loop_times_out_and_the_whole_group_is_killed(pool: Pool) -> Non
 def test_kill_from_another_thread_fails_the_call_in_flight(pool: Pool) -> None:
     with pool.checkout(ChildSpec()) as child:
         load(child, sleep_long)
-        timer = threading.Timer(0.5, child.kill, args=("cancelled",), kwargs={"detail": "plan p1 was cancelled"})
+        timer = threading.Timer(
+            0.5,
+            child.kill,
+            args=("cancelled",),
+            kwargs={"detail": "plan p1 was cancelled"},
+        )
         timer.start()
         start = time.monotonic()
         with pytest.raises(ChildFailure) as info:
             child.call("FORWARD", timeout=30, node_id="n", data=1)
         timer.join()
     assert time.monotonic() - start < 3
-    assert info.value.code == "cancelled" and "plan p1 was cancelled" in info.value.message
+    assert (
+        info.value.code == "cancelled" and "plan p1 was cancelled" in info.value.message
+    )
     assert pool.stats().kills == {"cancelled": 1}
 
 
@@ -186,7 +203,9 @@ def test_allocation_beyond_the_child_memory_limit(pool: Pool) -> None:
     assert type(error) is ChildError and error.rss == failure.details["rss"]
     with pool.checkout(ChildSpec()) as child:
         load(child, echo)
-        assert child.call("FORWARD", timeout=30, node_id="n", data="ok")["result"] == "ok"
+        assert (
+            child.call("FORWARD", timeout=30, node_id="n", data="ok")["result"] == "ok"
+        )
 
 
 def test_garbage_on_the_reply_pipe_is_a_protocol_error(pool: Pool) -> None:
@@ -209,7 +228,10 @@ def test_a_child_that_dies_while_idle_is_not_handed_out(pool: Pool) -> None:
         first = child.pid
     os.kill(first, signal.SIGKILL)
     end = time.monotonic() + 5
-    while psutil.Process(first).status() != psutil.STATUS_ZOMBIE and time.monotonic() < end:
+    while (
+        psutil.Process(first).status() != psutil.STATUS_ZOMBIE
+        and time.monotonic() < end
+    ):
         time.sleep(0.02)
     with pool.checkout(ChildSpec()) as child:
         assert child.pid != first

@@ -48,7 +48,9 @@ def test_affinity_for_takes_the_first_cpus_of_the_own_set() -> None:
         affinity_for(0, {0, 1})
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only"
+)
 def test_apply_affinity_restricts_a_running_process() -> None:
     own = os.sched_getaffinity(0)
     cpus = affinity_for(1, own) or frozenset(own)
@@ -93,7 +95,11 @@ def sleepers() -> Iterator[list[subprocess.Popen[bytes]]]:
     """Two idle processes of different sizes: the second holds about 200 MiB more."""
     small = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     big = subprocess.Popen(
-        [sys.executable, "-c", "import time; b = bytearray(200 << 20); print('ready', flush=True); time.sleep(60)"],
+        [
+            sys.executable,
+            "-c",
+            "import time; b = bytearray(200 << 20); print('ready', flush=True); time.sleep(60)",
+        ],
         stdout=subprocess.PIPE,
     )
     assert big.stdout is not None and big.stdout.readline() == b"ready\n"
@@ -105,7 +111,9 @@ def sleepers() -> Iterator[list[subprocess.Popen[bytes]]]:
             proc.stdout.close()
 
 
-def test_memory_watch_kills_a_child_above_its_own_limit(sleepers: list[subprocess.Popen[bytes]]) -> None:
+def test_memory_watch_kills_a_child_above_its_own_limit(
+    sleepers: list[subprocess.Popen[bytes]],
+) -> None:
     small, big = (FakeChild(p.pid) for p in sleepers)
     watch = MemoryWatch(child_limit=150 << 20)
     watch.register(small)
@@ -120,7 +128,9 @@ def test_memory_watch_kills_a_child_above_its_own_limit(sleepers: list[subproces
     assert len(big.kills) == 1, "a killed child is no longer watched"
 
 
-def test_memory_watch_per_child_limit_tightens_the_default(sleepers: list[subprocess.Popen[bytes]]) -> None:
+def test_memory_watch_per_child_limit_tightens_the_default(
+    sleepers: list[subprocess.Popen[bytes]],
+) -> None:
     small = FakeChild(sleepers[0].pid)
     watch = MemoryWatch(child_limit=1 << 40)
     watch.register(small, limit=1 << 20)
@@ -128,7 +138,9 @@ def test_memory_watch_per_child_limit_tightens_the_default(sleepers: list[subpro
     assert [k[0] for k in small.kills] == ["memory_limit"]
 
 
-def test_memory_watch_total_limit_kills_the_largest(sleepers: list[subprocess.Popen[bytes]]) -> None:
+def test_memory_watch_total_limit_kills_the_largest(
+    sleepers: list[subprocess.Popen[bytes]],
+) -> None:
     small, big = (FakeChild(p.pid) for p in sleepers)
     total = read_rss(small.pid) + read_rss(big.pid)  # type: ignore[operator]
     watch = MemoryWatch(total_limit=total - (50 << 20))
@@ -140,7 +152,9 @@ def test_memory_watch_total_limit_kills_the_largest(sleepers: list[subprocess.Po
     assert "in total" in big.kills[0][1]
 
 
-def test_memory_watch_thread_polls_until_stopped(sleepers: list[subprocess.Popen[bytes]]) -> None:
+def test_memory_watch_thread_polls_until_stopped(
+    sleepers: list[subprocess.Popen[bytes]],
+) -> None:
     big = FakeChild(sleepers[1].pid)
     watch = MemoryWatch(child_limit=100 << 20, interval=0.05)
     assert watch.start()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -40,8 +39,12 @@ class Sleeper(Identity):
 
 
 def load(child: Child, node_id: str, obj: Any = None) -> None:
-    entry = {"id": node_id, "pickle": cloudpickle.dumps(obj or Identity()), "trainable": False,
-             "differentiable": False}
+    entry = {
+        "id": node_id,
+        "pickle": cloudpickle.dumps(obj or Identity()),
+        "trainable": False,
+        "differentiable": False,
+    }
     child.call("LOAD", timeout=30, filters=[entry], runtime=None, seed=None)
 
 
@@ -81,7 +84,11 @@ def test_sequential_plans_reuse_one_child_and_are_isolated(pool: Pool) -> None:
 
 def test_children_are_pooled_per_key_and_handed_out_newest_first(pool: Pool) -> None:
     plain, other = ChildSpec(), ChildSpec(env_key="other")
-    with pool.checkout(plain) as a, pool.checkout(plain) as b, pool.checkout(other) as c:
+    with (
+        pool.checkout(plain) as a,
+        pool.checkout(plain) as b,
+        pool.checkout(other) as c,
+    ):
         pids = (a.pid, b.pid, c.pid)
         assert len(set(pids)) == 3
         assert pool.stats().busy == 3
@@ -101,7 +108,10 @@ def test_a_child_is_replaced_after_max_tasks(pool: Pool) -> None:
             pids.append(child.pid)
     assert pids[0] == pids[1] != pids[2]
     assert pool.stats().kills == {"max_tasks": 1}
-    assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == psutil.STATUS_ZOMBIE
+    assert (
+        not psutil.pid_exists(pids[0])
+        or psutil.Process(pids[0]).status() == psutil.STATUS_ZOMBIE
+    )
 
 
 def test_idle_children_beyond_max_idle_are_retired_oldest_first() -> None:
@@ -228,7 +238,7 @@ def test_pool_limits_are_validated() -> None:
 
 def running(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
 

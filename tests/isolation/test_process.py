@@ -14,7 +14,14 @@ import cloudpickle
 import numpy as np
 import pytest
 
-from soma.errors import ChildError, ChildTimeoutError, FilterError, RowMismatchError, SomaConfigError, SomaError
+from soma.errors import (
+    ChildError,
+    ChildTimeoutError,
+    FilterError,
+    RowMismatchError,
+    SomaConfigError,
+    SomaError,
+)
 from soma.isolation.markers import Opaque
 from soma.isolation.process import Child, ChildFailure, ChildSpec, failure_to_error
 
@@ -55,7 +62,12 @@ class Box:
 
 def load(child: Child, **filters: Any) -> dict[str, Any]:
     entries = [
-        {"id": node_id, "pickle": cloudpickle.dumps(obj), "trainable": False, "differentiable": False}
+        {
+            "id": node_id,
+            "pickle": cloudpickle.dumps(obj),
+            "trainable": False,
+            "differentiable": False,
+        }
         for node_id, obj in filters.items()
     ]
     return child.call("LOAD", timeout=30, filters=entries, runtime=None, seed=None)
@@ -99,7 +111,9 @@ def test_unrestricted_parent_can_unpickle_replies() -> None:
         child.shutdown()
 
 
-def test_environment_drops_soma_secrets_and_sets_child_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_environment_drops_soma_secrets_and_sets_child_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("SOMA_TOKEN", "secret")
     monkeypatch.setenv("SOMA_LOG_LEVEL", "DEBUG")
     monkeypatch.setenv("MKL_NUM_THREADS", "5")
@@ -108,8 +122,17 @@ def test_environment_drops_soma_secrets_and_sets_child_variables(monkeypatch: py
     child = Child.spawn(spec)
     try:
         load(child, a=Scripted(lambda names: {n: os.environ.get(n) for n in names}))
-        names = ["SOMA_TOKEN", "SOMA_LOG_LEVEL", "SOMA_CHILD", "PYTHONUNBUFFERED", "OMP_NUM_THREADS",
-                 "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "MY_VAR", "PYTHONPATH"]
+        names = [
+            "SOMA_TOKEN",
+            "SOMA_LOG_LEVEL",
+            "SOMA_CHILD",
+            "PYTHONUNBUFFERED",
+            "OMP_NUM_THREADS",
+            "MKL_NUM_THREADS",
+            "CUDA_VISIBLE_DEVICES",
+            "MY_VAR",
+            "PYTHONPATH",
+        ]
         env = forward(child, "a", names)
     finally:
         child.shutdown()
@@ -122,9 +145,14 @@ def test_environment_drops_soma_secrets_and_sets_child_variables(monkeypatch: py
 
 
 def test_pool_key_names_interpreter_env_gpus_and_threads() -> None:
-    spec = ChildSpec(env_key="e1", cuda_visible_devices="0", threads=4, memory_limit=1 << 30)
+    spec = ChildSpec(
+        env_key="e1", cuda_visible_devices="0", threads=4, memory_limit=1 << 30
+    )
     assert spec.pool_key == (os.path.realpath(sys.executable), "e1", "0", 4)
-    assert spec.pool_key == ChildSpec(env_key="e1", cuda_visible_devices="0", threads=4).pool_key
+    assert (
+        spec.pool_key
+        == ChildSpec(env_key="e1", cuda_visible_devices="0", threads=4).pool_key
+    )
     with pytest.raises(SomaConfigError):
         ChildSpec(threads=0)
     with pytest.raises(SomaConfigError):
@@ -135,13 +163,17 @@ def test_cwd_is_a_fresh_directory_removed_at_exit(tmp_path: Any) -> None:
     child = Child.spawn(ChildSpec(work_root=str(tmp_path)))
     load(child, a=Scripted(lambda _: os.getcwd()))
     cwd = forward(child, "a", None)
-    assert os.path.dirname(cwd) == str(tmp_path) and os.path.basename(cwd).startswith("child-")
+    assert os.path.dirname(cwd) == str(tmp_path) and os.path.basename(cwd).startswith(
+        "child-"
+    )
     assert os.path.isdir(cwd)
     child.shutdown()
     assert not os.path.exists(cwd)
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux-only")
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux-only"
+)
 def test_cpu_affinity_is_applied_right_after_spawn() -> None:
     cpu = min(os.sched_getaffinity(0))
     child = Child.spawn(ChildSpec(cpu_affinity=frozenset({cpu})))
@@ -181,12 +213,15 @@ def test_output_of_user_code_never_corrupts_the_channel_and_is_logged(
     records = [r for r in caplog.records if r.name == "soma.worker.child"]
     assert any(r.getMessage().endswith("stdout: line 9999") for r in records)
     record = records[0]
-    assert record.pid == child.pid and record.plan_id == "plan-7" and record.node_id == "a"  # type: ignore[attr-defined]
+    tags = (record.pid, record.plan_id, record.node_id)  # type: ignore[attr-defined]
+    assert tags == (child.pid, "plan-7", "a")
     assert f"child {child.pid} plan=plan-7" in record.getMessage()
     assert child.output_tail("stdout")[-3] == "raw fd write"
 
 
-def test_user_error_reply_keeps_the_child_and_maps_to_filter_error(child: Child) -> None:
+def test_user_error_reply_keeps_the_child_and_maps_to_filter_error(
+    child: Child,
+) -> None:
     load(child, a=Scripted(lambda x: 1 / x), b=Identity())
     with pytest.raises(ChildFailure) as info:
         forward(child, "a", 0)
@@ -197,8 +232,13 @@ def test_user_error_reply_keeps_the_child_and_maps_to_filter_error(child: Child)
     error = failure_to_error(failure, where="subprocess", phase="forward")
     assert isinstance(error, FilterError)
     assert str(error) == "Python forward() error: ZeroDivisionError: division by zero"
-    assert isinstance(error.original, ZeroDivisionError) and error.__cause__ is error.original
-    assert error.remote_traceback is not None and "in <lambda>" in error.remote_traceback
+    assert (
+        isinstance(error.original, ZeroDivisionError)
+        and error.__cause__ is error.original
+    )
+    assert (
+        error.remote_traceback is not None and "in <lambda>" in error.remote_traceback
+    )
     assert error.node_id == "a" and error.phase == "forward"
     assert forward(child, "b", "still serving") == "still serving"
 
@@ -250,15 +290,29 @@ def test_progress_frames_reach_the_callback(child: Child) -> None:
         def forward(self, x: Any, state: Any) -> Any:
             return state
 
-    entry = {"id": "c", "pickle": cloudpickle.dumps(Counter()), "trainable": True, "differentiable": False}
+    entry = {
+        "id": "c",
+        "pickle": cloudpickle.dumps(Counter()),
+        "trainable": True,
+        "differentiable": False,
+    }
     child.call("LOAD", timeout=30, filters=[entry], runtime=None, seed=None)
     frames: list[dict[str, Any]] = []
     reply = child.call(
-        "BATCHED_FIT", timeout=30, on_progress=frames.append, node_ids=["c"], data=[1, 2, 3, 4, 5], y=None,
+        "BATCHED_FIT",
+        timeout=30,
+        on_progress=frames.append,
+        node_ids=["c"],
+        data=[1, 2, 3, 4, 5],
+        y=None,
         batch_size=2,
     )
     assert reply["result"] == 5
-    assert [(f["batch"], f["n_batches"], f["rows"]) for f in frames] == [(1, 3, 2), (2, 3, 2), (3, 3, 1)]
+    assert [(f["batch"], f["n_batches"], f["rows"]) for f in frames] == [
+        (1, 3, 2),
+        (2, 3, 2),
+        (3, 3, 1),
+    ]
 
 
 def test_bad_timeout_is_refused(child: Child) -> None:
@@ -282,12 +336,18 @@ def test_nonexistent_interpreter_is_a_start_failure_naming_it() -> None:
     assert info.value.code == "child_start_failed"
     assert "/nonexistent/bin/python3" in info.value.message
     error = failure_to_error(info.value, where="subprocess")
-    assert isinstance(error, ChildError) and error.code == "child_start_failed" and error.retryable
+    assert (
+        isinstance(error, ChildError)
+        and error.code == "child_start_failed"
+        and error.retryable
+    )
     child = Child.spawn(ChildSpec())
     child.shutdown()
 
 
-def test_interpreter_without_cloudpickle_names_the_missing_module(tmp_path: Any) -> None:
+def test_interpreter_without_cloudpickle_names_the_missing_module(
+    tmp_path: Any,
+) -> None:
     """isolation.md §10 item 19: a bare venv has neither cloudpickle nor the dev packages."""
     import venv
 
@@ -304,22 +364,51 @@ def test_interpreter_without_cloudpickle_names_the_missing_module(tmp_path: Any)
 
 
 def test_failure_to_error_maps_parent_codes() -> None:
-    details = {"signal": "SIGKILL", "exit_code": None, "rss": 123, "stderr_tail": "boom", "node_id": "n"}
-    crash = failure_to_error(ChildFailure("child_crashed", "died", details), where="subprocess")
+    details = {
+        "signal": "SIGKILL",
+        "exit_code": None,
+        "rss": 123,
+        "stderr_tail": "boom",
+        "node_id": "n",
+    }
+    crash = failure_to_error(
+        ChildFailure("child_crashed", "died", details), where="subprocess"
+    )
     assert type(crash) is ChildError
-    assert (crash.code, crash.signal, crash.rss, crash.stderr_tail, crash.where, crash.node_id) == (
-        "child_crashed", "SIGKILL", 123, "boom", "subprocess", "n",
+    assert (
+        crash.code,
+        crash.signal,
+        crash.rss,
+        crash.stderr_tail,
+        crash.where,
+        crash.node_id,
+    ) == (
+        "child_crashed",
+        "SIGKILL",
+        123,
+        "boom",
+        "subprocess",
+        "n",
     )
     assert str(crash) == "child child_crashed: died"
-    timeout = failure_to_error(ChildFailure("timeout", "too slow", details), where="10.0.0.1:8765")
+    timeout = failure_to_error(
+        ChildFailure("timeout", "too slow", details), where="10.0.0.1:8765"
+    )
     assert isinstance(timeout, ChildTimeoutError) and isinstance(timeout, TimeoutError)
     assert timeout.where == "10.0.0.1:8765" and not timeout.retryable
-    memory = failure_to_error(ChildFailure("memory_limit", "big", details), where="subprocess")
+    memory = failure_to_error(
+        ChildFailure("memory_limit", "big", details), where="subprocess"
+    )
     assert type(memory) is ChildError and memory.code == "memory_limit"
     rows = failure_to_error(
-        ChildFailure("row_mismatch", "x and y have different numbers of rows: 5 vs 4", {}), where="subprocess"
+        ChildFailure(
+            "row_mismatch", "x and y have different numbers of rows: 5 vs 4", {}
+        ),
+        where="subprocess",
     )
     assert isinstance(rows, RowMismatchError) and isinstance(rows, ValueError)
     assert str(rows) == "x and y have different numbers of rows: 5 vs 4"
-    state = failure_to_error(ChildFailure("state_mismatch", "missing: w", {}), where="subprocess")
+    state = failure_to_error(
+        ChildFailure("state_mismatch", "missing: w", {}), where="subprocess"
+    )
     assert isinstance(state, SomaConfigError) and state.code == "state_mismatch"  # type: ignore[attr-defined]

@@ -69,7 +69,10 @@ class Bounds:
         self.low, self.high = low, high
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Bounds) and (self.low, self.high) == (other.low, other.high)
+        return isinstance(other, Bounds) and (self.low, self.high) == (
+            other.low,
+            other.high,
+        )
 
 
 class Clip(Filter):
@@ -89,12 +92,14 @@ class RunningSum(Filter):
         return float(np.sum(x))
 
     def partial_fit(self, x: Any, y: Any, state: Any) -> float:
-        return (state or 0.0) + float(np.sum(x)) + (0.0 if y is None else float(np.sum(y)))
+        return (
+            (state or 0.0) + float(np.sum(x)) + (0.0 if y is None else float(np.sum(y)))
+        )
 
     def forward(self, x: Any, state: Any) -> Any:
         return np.asarray(x) + state
 
-    def update(self, x: Any, state: Any) -> float:
+    def update(self, x: Any, state: float) -> float:
         return state + float(np.sum(x))
 
 
@@ -168,15 +173,26 @@ def test_batched_fit_and_evolving_stream_match_in_process() -> None:
     y = np.ones(10)
     local, isolated = both(RunningSum() >> Square())
     progress: dict[str, list[tuple[int, int]]] = {"local": [], "isolated": []}
-    local.on_event(lambda e: progress["local"].append((e["batch"], e["rows"])), event_types=["BatchProgress"])
-    isolated.on_event(lambda e: progress["isolated"].append((e["batch"], e["rows"])), event_types=["BatchProgress"])
+    local.on_event(
+        lambda e: progress["local"].append((e["batch"], e["rows"])),
+        event_types=["BatchProgress"],
+    )
+    isolated.on_event(
+        lambda e: progress["isolated"].append((e["batch"], e["rows"])),
+        event_types=["BatchProgress"],
+    )
     for graph in (local, isolated):
         graph.fit(x, y, batch_size=4)
     assert progress["local"] == progress["isolated"] == [(1, 4), (2, 4), (3, 2)]
     assert local.get_state("running_sum") == isolated.get_state("running_sum") == 55.0
     assert_same(local.forward(x), isolated.forward(x))
-    assert_same(local.forward(x, stream=True, chunk_size=3), isolated.forward(x, stream=True, chunk_size=3))
-    assert isolated.get_state("running_sum") == 55.0, "the stream never modifies stored states"
+    assert_same(
+        local.forward(x, stream=True, chunk_size=3),
+        isolated.forward(x, stream=True, chunk_size=3),
+    )
+    assert isolated.get_state("running_sum") == 55.0, (
+        "the stream never modifies stored states"
+    )
 
 
 def test_subprocess_target_on_one_node_only() -> None:
@@ -184,7 +200,10 @@ def test_subprocess_target_on_one_node_only() -> None:
     first = graph.node(WhereAmI())
     second = graph.node(WhereAmI(), target="subprocess")
     started: list[tuple[str, str]] = []
-    graph.on_event(lambda e: started.append((e["node_id"], e["target"])), event_types=["NodeStarted"])
+    graph.on_event(
+        lambda e: started.append((e["node_id"], e["target"])),
+        event_types=["NodeStarted"],
+    )
     out = graph.run(None)
     assert out[first] == os.getpid()
     assert out[second] != os.getpid()
@@ -192,7 +211,9 @@ def test_subprocess_target_on_one_node_only() -> None:
 
 
 def test_user_exception_raises_filter_error_with_the_remote_traceback() -> None:
-    graph = Graph.somatize(Square() >> Failing("raise"), cache=False, isolation="subprocess")
+    graph = Graph.somatize(
+        Square() >> Failing("raise"), cache=False, isolation="subprocess"
+    )
     with pytest.raises(FilterError) as info:
         graph.run(np.ones(2))
     error = info.value
@@ -202,14 +223,25 @@ def test_user_exception_raises_filter_error_with_the_remote_traceback() -> None:
     assert error.remote_traceback is not None and "in forward" in error.remote_traceback
 
 
-@pytest.mark.parametrize(("how", "detail"), [("exit", "exited with code 1"), ("sigkill", "killed by SIGKILL")])
-def test_a_dying_child_raises_child_error_and_this_process_survives(how: str, detail: str) -> None:
-    graph = Graph.somatize(Square() >> Failing(how), cache=False, isolation="subprocess")
+@pytest.mark.parametrize(
+    ("how", "detail"),
+    [("exit", "exited with code 1"), ("sigkill", "killed by SIGKILL")],
+)
+def test_a_dying_child_raises_child_error_and_this_process_survives(
+    how: str, detail: str
+) -> None:
+    graph = Graph.somatize(
+        Square() >> Failing(how), cache=False, isolation="subprocess"
+    )
     with pytest.raises(ChildError) as info:
         graph.run(np.ones(2))
     error = info.value
     assert not isinstance(error, ChildTimeoutError)
-    assert error.code == "child_crashed" and error.where == "subprocess" and error.node_id == "failing"
+    assert (
+        error.code == "child_crashed"
+        and error.where == "subprocess"
+        and error.node_id == "failing"
+    )
     assert detail in str(error)
     healthy = Graph.somatize(Square(), cache=False, isolation="subprocess")
     np.testing.assert_array_equal(healthy.run(np.full(2, 3.0))["square"], [9.0, 9.0])
@@ -271,6 +303,12 @@ def test_readme_isolation_example_runs_as_written() -> None:
     section = readme.split("## Isolating filters", 1)[1].split("\n## ", 1)[0]
     code = re.search(r"```python\n(.*?)```", section, re.DOTALL)
     assert code is not None
-    done = subprocess.run([sys.executable, "-c", code.group(1)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", code.group(1)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "child_crashed", "timeout"]

@@ -38,7 +38,9 @@ THREAD_VARIABLES = (
 """The variables numerical libraries read to size their thread pools."""
 
 
-def thread_env(cpu_cores: int, max_concurrent: int, operator_env: Mapping[str, str] | None = None) -> dict[str, str]:
+def thread_env(
+    cpu_cores: int, max_concurrent: int, operator_env: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Thread variables for a child: ``max(1, cpu_cores // max_concurrent)`` each.
 
     A variable the operator set in ``operator_env`` (default: this process's environment)
@@ -131,7 +133,9 @@ class Watched(Protocol):
     @property
     def pid(self) -> int: ...
 
-    def kill(self, reason: str, *, detail: str = "", rss: int | None = None) -> None: ...
+    def kill(
+        self, reason: str, *, detail: str = "", rss: int | None = None
+    ) -> None: ...
 
 
 @dataclass
@@ -162,7 +166,9 @@ class MemoryWatch:
             raise SomaConfigError(f"interval must be > 0, got {interval}")
         for name, value in (("total_limit", total_limit), ("child_limit", child_limit)):
             if value is not None and value < 1:
-                raise SomaConfigError(f"{name} must be a positive number of bytes, got {value}")
+                raise SomaConfigError(
+                    f"{name} must be a positive number of bytes, got {value}"
+                )
         self.total_limit = total_limit
         self.child_limit = child_limit
         self.interval = interval
@@ -182,7 +188,9 @@ class MemoryWatch:
             )
             return False
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="soma-memory-watch", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="soma-memory-watch", daemon=True
+        )
         self._thread.start()
         return True
 
@@ -196,7 +204,9 @@ class MemoryWatch:
     def register(self, target: Watched, limit: int | None = None) -> None:
         """Watch ``target``; ``limit`` (bytes) tightens ``child_limit`` for this child."""
         if limit is not None and limit < 1:
-            raise SomaConfigError(f"memory limit must be a positive number of bytes, got {limit}")
+            raise SomaConfigError(
+                f"memory limit must be a positive number of bytes, got {limit}"
+            )
         with self._lock:
             self._entries[id(target)] = _Entry(target, limit)
 
@@ -220,7 +230,11 @@ class MemoryWatch:
                 continue
             limit = self._limit_of(entry)
             if limit is not None and rss > limit:
-                self._kill(entry, rss, f"RSS {format_bytes(rss)} above the child memory limit {format_bytes(limit)}")
+                self._kill(
+                    entry,
+                    rss,
+                    f"RSS {format_bytes(rss)} above the child memory limit {format_bytes(limit)}",
+                )
             else:
                 readings.append((rss, entry))
         total = sum(rss for rss, _ in readings)

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from soma.errors import SomaConfigError, SomaError
 from soma.isolation.limits import MemoryWatch
@@ -84,7 +84,13 @@ class Pool:
         on_output: OutputHook | None = None,
         janitor_interval: float = 1.0,
     ) -> None:
-        if max_idle < 0 or max_tasks < 1 or idle_ttl <= 0 or max_idle_rss < 1 or janitor_interval <= 0:
+        if (
+            max_idle < 0
+            or max_tasks < 1
+            or idle_ttl <= 0
+            or max_idle_rss < 1
+            or janitor_interval <= 0
+        ):
             raise SomaConfigError(
                 "pool limits must be positive (max_idle may be 0): got "
                 f"max_idle={max_idle}, idle_ttl={idle_ttl}, max_tasks={max_tasks}, "
@@ -107,7 +113,9 @@ class Pool:
         self._closed = False
         self._stop = threading.Event()
         self._spawner = Spawner("soma-pool-spawner")
-        self._janitor = threading.Thread(target=self._janitor_loop, name="soma-pool-janitor", daemon=True)
+        self._janitor = threading.Thread(
+            target=self._janitor_loop, name="soma-pool-janitor", daemon=True
+        )
         self._janitor.start()
 
     # -- checkout ----------------------------------------------------------------------------
@@ -144,7 +152,12 @@ class Pool:
             with self._lock:
                 self._busy.discard(entry.child)
             self._discard(entry.child, "dead_idle")
-        child = Child.spawn(spec, restricted=self.restricted, on_output=self.on_output, spawner=self._spawner)
+        child = Child.spawn(
+            spec,
+            restricted=self.restricted,
+            on_output=self.on_output,
+            spawner=self._spawner,
+        )
         with self._lock:
             self._spawned += 1
             if self._closed:
@@ -175,14 +188,22 @@ class Pool:
         if closed:
             reason = "closed"
         elif not child.alive:
-            reason = child.failure.code if child.failure is not None else child.kill_reason or "child_crashed"
+            reason = (
+                child.failure.code
+                if child.failure is not None
+                else child.kill_reason or "child_crashed"
+            )
         elif child.tasks >= self.max_tasks:
             reason = "max_tasks"
         else:
             try:
-                child.call("LOAD", timeout=RESET_TIMEOUT, filters=[], runtime=None, seed=None)
+                child.call(
+                    "LOAD", timeout=RESET_TIMEOUT, filters=[], runtime=None, seed=None
+                )
             except ChildFailure as exc:
-                isolation_logger.warning("child %d failed its reset and is killed: %s", child.pid, exc)
+                isolation_logger.warning(
+                    "child %d failed its reset and is killed: %s", child.pid, exc
+                )
                 child.kill("reset_failed")
                 reason = "reset_failed"
         if reason is not None:
@@ -233,7 +254,12 @@ class Pool:
             raise SomaConfigError(f"prewarm count must be >= 0, got {n}")
         for _ in range(n):
             self._check_open()
-            child = Child.spawn(spec, restricted=self.restricted, on_output=self.on_output, spawner=self._spawner)
+            child = Child.spawn(
+                spec,
+                restricted=self.restricted,
+                on_output=self.on_output,
+                spawner=self._spawner,
+            )
             with self._lock:
                 self._spawned += 1
                 closed = self._closed
@@ -283,7 +309,7 @@ class Pool:
         """Whether ``close`` was called."""
         return self._closed
 
-    def __enter__(self) -> Pool:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -305,7 +331,8 @@ class Pool:
         """Retire the oldest idle children beyond ``max_idle``."""
         with self._lock:
             entries = sorted(
-                (entry for entries in self._idle.values() for entry in entries), key=lambda entry: entry.since
+                (entry for entries in self._idle.values() for entry in entries),
+                key=lambda entry: entry.since,
             )
             excess = entries[: max(0, len(entries) - self.max_idle)]
             for entry in excess:
@@ -339,8 +366,10 @@ class Pool:
         while not self._stop.wait(self._janitor_interval):
             try:
                 self._retire_idle()
-            except Exception:
-                isolation_logger.exception("child pool janitor failed; it keeps running")
+            except Exception:  # noqa: BLE001 - the janitor must outlive its own bugs
+                isolation_logger.exception(
+                    "child pool janitor failed; it keeps running"
+                )
 
 
 _default_pool: Pool | None = None

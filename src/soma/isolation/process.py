@@ -39,12 +39,20 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, NoReturn, TypeVar
 
 import soma
-from soma.errors import ChildError, ChildTimeoutError, FilterError, RowMismatchError, SomaConfigError, SomaError
+from soma.errors import (
+    ChildError,
+    ChildTimeoutError,
+    FilterError,
+    RowMismatchError,
+    SomaConfigError,
+    SomaError,
+)
 from soma.isolation import channel
 from soma.isolation.limits import THREAD_VARIABLES, apply_affinity, read_rss
 from soma.log import child_logger, isolation_logger
@@ -66,7 +74,14 @@ OutputHook = Callable[[str, str], None]
 """``on_output(stream, line)``: called for every line the child writes to stdout or stderr."""
 
 PARENT_CODES = frozenset(
-    {"child_start_failed", "child_crashed", "child_protocol_error", "timeout", "cancelled", "memory_limit"}
+    {
+        "child_start_failed",
+        "child_crashed",
+        "child_protocol_error",
+        "timeout",
+        "cancelled",
+        "memory_limit",
+    }
 )
 """Failure codes raised by the parent about the child (isolation.md §5)."""
 
@@ -94,15 +109,15 @@ class ChildSpec:
     """How to launch a child, and the limits it runs under.
 
     Children with equal ``pool_key`` are interchangeable and pooled together; the other
-    fields are launch options and limits. ``extra_env`` is stored as sorted pairs so a
-    spec stays immutable.
+    fields are launch options and limits. ``extra_env`` is copied into a read-only
+    mapping so a spec stays immutable.
     """
 
     interpreter: str = field(default_factory=lambda: sys.executable)
     env_key: str = "default"
     cuda_visible_devices: str | None = None
     threads: int | None = None
-    extra_env: tuple[tuple[str, str], ...] = ()
+    extra_env: Mapping[str, str] = field(default_factory=dict, hash=False)
     work_root: str | None = None
     memory_limit: int | None = None
     rlimit_as: int | None = None
@@ -112,25 +127,32 @@ class ChildSpec:
     max_frame: int | None = None
 
     def __post_init__(self) -> None:
-        extra: Any = self.extra_env
-        if isinstance(extra, Mapping):
-            extra = extra.items()
-        object.__setattr__(self, "extra_env", tuple(sorted((str(k), str(v)) for k, v in extra)))
+        extra = {str(k): str(v) for k, v in dict(self.extra_env).items()}
+        object.__setattr__(self, "extra_env", types.MappingProxyType(extra))
         if self.cpu_affinity is not None:
             object.__setattr__(self, "cpu_affinity", frozenset(self.cpu_affinity))
         if self.threads is not None and self.threads < 1:
             raise SomaConfigError(f"threads must be >= 1, got {self.threads}")
         if self.start_timeout <= 0:
-            raise SomaConfigError(f"start_timeout must be > 0, got {self.start_timeout}")
+            raise SomaConfigError(
+                f"start_timeout must be > 0, got {self.start_timeout}"
+            )
         for name in ("memory_limit", "rlimit_as", "max_frame"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise SomaConfigError(f"{name} must be a positive number of bytes, got {value}")
+                raise SomaConfigError(
+                    f"{name} must be a positive number of bytes, got {value}"
+                )
 
     @property
     def pool_key(self) -> tuple[str, str, str | None, int | None]:
         """(interpreter realpath, environment key, visible GPU set, thread count)."""
-        return (os.path.realpath(self.interpreter), self.env_key, self.cuda_visible_devices, self.threads)
+        return (
+            os.path.realpath(self.interpreter),
+            self.env_key,
+            self.cuda_visible_devices,
+            self.threads,
+        )
 
     def environment(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """The child's environment (isolation.md §2.1), built from ``base`` (default ``os.environ``).
@@ -139,13 +161,19 @@ class ChildSpec:
         user code. Thread variables the operator set in ``base`` keep their values.
         """
         base = os.environ if base is None else base
-        env = {k: v for k, v in base.items() if not k.startswith("SOMA_") or k == "SOMA_LOG_LEVEL"}
+        env = {
+            k: v
+            for k, v in base.items()
+            if not k.startswith("SOMA_") or k == "SOMA_LOG_LEVEL"
+        }
         env.update(self.extra_env)
         if self.threads is not None:
             for name in THREAD_VARIABLES:
                 env.setdefault(name, str(self.threads))
         inherited = base.get("PYTHONPATH")
-        env["PYTHONPATH"] = self.pythonpath + (os.pathsep + inherited if inherited else "")
+        env["PYTHONPATH"] = self.pythonpath + (
+            os.pathsep + inherited if inherited else ""
+        )
         env["PYTHONUNBUFFERED"] = "1"
         env["SOMA_CHILD"] = "1"
         if self.cuda_visible_devices is not None:
@@ -169,7 +197,9 @@ class ChildFailure(Exception):
     child errors, the child's error object under ``error``.
     """
 
-    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, details: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
@@ -187,7 +217,9 @@ class Spawner:
 
     def __init__(self, name: str = "soma-spawner") -> None:
         self._name = name
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None]
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None
+        ]
         self._jobs = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -196,7 +228,9 @@ class Spawner:
         """Run ``fn`` on the spawner thread and return its result (or raise its exception)."""
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                self._thread = threading.Thread(
+                    target=self._loop, name=self._name, daemon=True
+                )
                 self._thread.start()
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._jobs.put((fn, future))
@@ -215,7 +249,7 @@ class Spawner:
             fn, future = job
             try:
                 future.set_result(fn())
-            except BaseException as exc:  # handed to the waiting caller, which re-raises it
+            except BaseException as exc:  # noqa: BLE001 - the waiting caller re-raises it
                 future.set_exception(exc)
 
 
@@ -223,6 +257,32 @@ _default_spawner = Spawner("soma-spawner-default")
 
 
 _child_numbers = itertools.count(1)
+
+
+class _Spin:
+    """How long a caller polls for a reply before sleeping, adapted to whether that pays off.
+
+    Spinning pays off only when the child answers within the spin, which needs a free
+    core for it. On a busy machine spinning steals the child's CPU and makes every
+    call slower, so failed spins shrink the budget to nothing; every 32nd sleep a
+    short spin is tried again.
+    """
+
+    _MIN = 20e-6
+    _REPROBE_AFTER = 32
+
+    def __init__(self) -> None:
+        self.budget = channel.SPIN_SECONDS
+        self._sleeps = 0
+
+    def record(self, answered: bool) -> None:
+        if answered:
+            self.budget = min(channel.SPIN_SECONDS, max(self.budget * 2, self._MIN))
+            return
+        self.budget = self.budget / 4 if self.budget >= 4 * self._MIN else 0.0
+        self._sleeps += 1
+        if self.budget == 0.0 and self._sleeps % self._REPROBE_AFTER == 0:
+            self.budget = self._MIN
 
 
 def _signal_name(number: int) -> str:
@@ -282,12 +342,15 @@ class Child:
         self._cwd = cwd
         self._pidfd = os.pidfd_open(process.pid) if hasattr(os, "pidfd_open") else None
         self._loads = channel.restricted_loads if restricted else _full_loads
-        self._max_frame = {} if spec.max_frame is None else {"max_frame": spec.max_frame}
+        self._max_frame = (
+            {} if spec.max_frame is None else {"max_frame": spec.max_frame}
+        )
         self._poller = select.poll()
         self._poller.register(reply_fd, select.POLLIN)
         if self._pidfd is not None:
             self._poller.register(self._pidfd, select.POLLIN)
         self._limit_note = ""
+        self._spin = _Spin()
         self._ids = itertools.count(1)
         self._call_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -300,7 +363,12 @@ class Child:
         }
         assert process.stdout is not None and process.stderr is not None
         self._readers = [
-            threading.Thread(target=self._pump, args=(name, pipe), name=f"soma-child-{self._pid}-{name}", daemon=True)
+            threading.Thread(
+                target=self._pump,
+                args=(name, pipe),
+                name=f"soma-child-{self._pid}-{name}",
+                daemon=True,
+            )
             for name, pipe in (("stdout", process.stdout), ("stderr", process.stderr))
         ]
         for reader in self._readers:
@@ -346,18 +414,34 @@ class Child:
             for fd in (request_r, request_w, reply_r, reply_w):
                 os.close(fd)
             shutil.rmtree(cwd, ignore_errors=True)
-            why = "not found" if isinstance(exc, FileNotFoundError) else f"could not be started ({exc})"
+            why = (
+                "not found"
+                if isinstance(exc, FileNotFoundError)
+                else f"could not be started ({exc})"
+            )
             raise ChildFailure(
                 "child_start_failed",
                 f"interpreter {spec.interpreter} {why}",
-                {"interpreter": spec.interpreter, "env_key": spec.env_key, "stderr_tail": ""},
+                {
+                    "interpreter": spec.interpreter,
+                    "env_key": spec.env_key,
+                    "stderr_tail": "",
+                },
             ) from exc
         os.close(request_r)
         os.close(reply_w)
         for fd in (request_w, reply_r):
             with contextlib.suppress(OSError):
                 channel.tune_pipe(fd)
-        child = cls(spec, process, request_w, reply_r, cwd, restricted=restricted, on_output=on_output)
+        child = cls(
+            spec,
+            process,
+            request_w,
+            reply_r,
+            cwd,
+            restricted=restricted,
+            on_output=on_output,
+        )
         apply_affinity(child.pid, spec.cpu_affinity)
         child._await_greeting()
         return child
@@ -367,7 +451,9 @@ class Child:
         problem: str | None = None
         greeting: Any = None
         try:
-            greeting = channel.read_frame(self._reply_fd, deadline=deadline, loads=channel.restricted_loads)
+            greeting = channel.read_frame(
+                self._reply_fd, deadline=deadline, loads=channel.restricted_loads
+            )
         except TimeoutError:
             problem = f"sent no greeting within {self.spec.start_timeout:g} s"
         except channel.ChannelClosed:
@@ -375,7 +461,9 @@ class Child:
         except (channel.FrameError, pickle.UnpicklingError) as exc:
             problem = f"sent a corrupt greeting ({exc})"
         if problem is None and not (
-            isinstance(greeting, dict) and greeting.get("kind") == "ready" and greeting.get("protocol") == 1
+            isinstance(greeting, dict)
+            and greeting.get("kind") == "ready"
+            and greeting.get("protocol") == 1
         ):
             problem = f"sent an unexpected greeting {greeting!r:.200}"
         if problem is None:
@@ -421,7 +509,9 @@ class Child:
         """The last ``lines`` lines the child wrote to stderr."""
         return "\n".join(list(self._tails["stderr"])[-lines:])
 
-    def output_tail(self, stream: str = "stdout", lines: int = _TAIL_LINES) -> list[str]:
+    def output_tail(
+        self, stream: str = "stdout", lines: int = _TAIL_LINES
+    ) -> list[str]:
         """The last lines (at most 200 kept) the child wrote to ``stream``."""
         return list(self._tails[stream])[-lines:]
 
@@ -444,7 +534,12 @@ class Child:
 
         Safe to call on a dead or already shut down child.
         """
-        if not self._closed and self.failure is None and self._kill_reason is None and not self._exited():
+        if (
+            not self._closed
+            and self.failure is None
+            and self._kill_reason is None
+            and not self._exited()
+        ):
             try:
                 self.call("SHUTDOWN", timeout=timeout)
             except ChildFailure:
@@ -487,7 +582,11 @@ class Child:
             if self.failure is not None:
                 raise self.failure
             if self._closed:
-                raise ChildFailure("child_crashed", f"child {self._pid} was shut down", self._details(cmd))
+                raise ChildFailure(
+                    "child_crashed",
+                    f"child {self._pid} was shut down",
+                    self._details(cmd),
+                )
             self.node_id = node_id
             request_id = next(self._ids)
             deadline = None if limit == math.inf else time.monotonic() + limit
@@ -495,7 +594,13 @@ class Child:
             shown = budget if budget is not None and limit == timeout else limit
             self._limit_note = f"{cmd}{where} ran past its {shown:.3g} s limit"
             try:
-                reply = self._exchange({"id": request_id, "cmd": cmd, **fields}, request_id, cmd, deadline, on_progress)
+                reply = self._exchange(
+                    {"id": request_id, "cmd": cmd, **fields},
+                    request_id,
+                    cmd,
+                    deadline,
+                    on_progress,
+                )
             except ChildFailure:
                 raise
             except BaseException:
@@ -509,7 +614,11 @@ class Child:
             details = self._details(cmd)
             details["node_id"] = error.get("node_id", node_id)
             details["error"] = error
-            raise ChildFailure(str(error.get("code", "internal")), str(error.get("message", "")), details)
+            raise ChildFailure(
+                str(error.get("code", "internal")),
+                str(error.get("message", "")),
+                details,
+            )
 
     def _exchange(
         self,
@@ -526,14 +635,29 @@ class Child:
         except TimeoutError:
             self.kill("timeout", detail=self._limit_note)
             self._fail_dead(cmd)
-        except (pickle.PicklingError, TypeError, AttributeError, ValueError, RecursionError) as exc:
+        except (
+            pickle.PicklingError,
+            TypeError,
+            AttributeError,
+            ValueError,
+            RecursionError,
+        ) as exc:
             # write_frame pickles before writing anything: the channel is still in step.
             details = self._details(cmd)
-            raise ChildFailure("encoding_error", f"the {cmd} request could not be pickled: {exc}", details) from exc
+            raise ChildFailure(
+                "encoding_error",
+                f"the {cmd} request could not be pickled: {exc}",
+                details,
+            ) from exc
         while True:
             self._wait_reply(cmd, deadline)
             try:
-                message = channel.read_frame(self._reply_fd, deadline=deadline, loads=self._loads, **self._max_frame)
+                message = channel.read_frame(
+                    self._reply_fd,
+                    deadline=deadline,
+                    loads=self._loads,
+                    **self._max_frame,
+                )
             except channel.ChannelClosed:
                 self._fail_dead(cmd)
             except TimeoutError:
@@ -541,13 +665,22 @@ class Child:
                 self._fail_dead(cmd)
             except channel.FrameError as exc:
                 if not self._wait_exit(_EXIT_WAIT):
-                    self.kill("child_protocol_error", detail=f"corrupt frame in the reply to {cmd}: {exc}")
+                    self.kill(
+                        "child_protocol_error",
+                        detail=f"corrupt frame in the reply to {cmd}: {exc}",
+                    )
                 self._fail_dead(cmd)
-            except Exception as exc:  # the payload did not unpickle: a daemon bug or a class missing here
-                self.kill("encoding_error", detail=f"the reply to {cmd} could not be decoded: {exc!r}")
+            except Exception as exc:  # noqa: BLE001 - an unpicklable payload: daemon bug or class missing here
+                self.kill(
+                    "encoding_error",
+                    detail=f"the reply to {cmd} could not be decoded: {exc!r}",
+                )
                 self._fail_dead(cmd)
             if not isinstance(message, dict) or message.get("id") != request_id:
-                self.kill("child_protocol_error", detail=f"reply to {cmd} out of step: {message!r:.200}")
+                self.kill(
+                    "child_protocol_error",
+                    detail=f"reply to {cmd} out of step: {message!r:.200}",
+                )
                 self._fail_dead(cmd)
             kind = message.get("kind")
             if kind == "progress":
@@ -555,20 +688,28 @@ class Child:
                     on_progress(message)
                 continue
             if kind != "reply":
-                self.kill("child_protocol_error", detail=f"unknown frame kind {kind!r} in the reply to {cmd}")
+                self.kill(
+                    "child_protocol_error",
+                    detail=f"unknown frame kind {kind!r} in the reply to {cmd}",
+                )
                 self._fail_dead(cmd)
             return message
 
     def _wait_reply(self, cmd: str, deadline: float | None) -> None:
         """Block until the reply pipe is readable; fail at once if the child exited.
 
-        A short spin first: a small reply usually arrives within microseconds, and
-        sleeping in ``poll`` would add a wake-up to every round trip.
+        A short spin first (see ``_Spin``): a small reply often arrives within
+        microseconds, and sleeping in ``poll`` adds a wake-up to every round trip.
         """
         events = self._poller.poll(0)
-        spin_until = time.monotonic() + channel.SPIN_SECONDS
-        while not events and time.monotonic() < spin_until:
-            events = self._poller.poll(0)
+        if not events and self._spin.budget:
+            spin_until = time.monotonic() + self._spin.budget
+            while not events and time.monotonic() < spin_until:
+                os.sched_yield()
+                events = self._poller.poll(0)
+            self._spin.record(bool(events))
+        elif not events:
+            self._spin.record(False)
         while not events:
             if deadline is None:
                 timeout_ms = -1
@@ -578,7 +719,9 @@ class Child:
                     self.kill("timeout", detail=self._limit_note)
                     self._fail_dead(cmd)
                 timeout_ms = max(1, int(remaining * 1000 + 0.999))
-            if self._pidfd is None:  # no pidfd (old kernel): look for an exit every 200 ms
+            if (
+                self._pidfd is None
+            ):  # no pidfd (old kernel): look for an exit every 200 ms
                 timeout_ms = 200 if timeout_ms < 0 else min(timeout_ms, 200)
                 if self._exited():
                     break
@@ -596,7 +739,11 @@ class Child:
             self.kill("child_crashed", detail="it closed its channel")
         self._finish()
         reason = self._kill_reason
-        code = reason[0] if reason is not None and reason[0] in _DEATH_CODES else "child_crashed"
+        code = (
+            reason[0]
+            if reason is not None and reason[0] in _DEATH_CODES
+            else "child_crashed"
+        )
         detail = reason[1] if reason is not None and reason[0] == code else ""
         node = f" on node `{self.node_id}`" if self.node_id is not None else ""
         if code == "child_crashed":
@@ -607,7 +754,9 @@ class Child:
             if tail:
                 message += f"; stderr: {tail.splitlines()[-1]}"
         else:
-            message = f"child {self._pid} ({self.spec.interpreter}) killed: {detail or code}"
+            message = (
+                f"child {self._pid} ({self.spec.interpreter}) killed: {detail or code}"
+            )
         failure = ChildFailure(code, message, self._details(cmd))
         self.failure = failure
         raise failure
@@ -620,7 +769,9 @@ class Child:
             name = _signal_name(-returncode)
             note = f" was killed by {name}"
             if -returncode == signal.SIGKILL and self._kill_reason is None:
-                note += " (possibly killed by the kernel OOM killer or the memory watch)"
+                note += (
+                    " (possibly killed by the kernel OOM killer or the memory watch)"
+                )
             return note
         return f" exited with code {returncode}"
 
@@ -631,8 +782,12 @@ class Child:
             "pid": self._pid,
             "interpreter": self.spec.interpreter,
             "env_key": self.spec.env_key,
-            "exit_code": returncode if returncode is not None and returncode >= 0 else None,
-            "signal": _signal_name(-returncode) if returncode is not None and returncode < 0 else None,
+            "exit_code": returncode
+            if returncode is not None and returncode >= 0
+            else None,
+            "signal": _signal_name(-returncode)
+            if returncode is not None and returncode < 0
+            else None,
             "rss": rss,
             "stderr_tail": self.stderr_tail(),
             "node_id": self.node_id,
@@ -647,7 +802,10 @@ class Child:
         if self._reaped:
             return True
         try:
-            return os.waitid(os.P_PID, self._pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+            return (
+                os.waitid(os.P_PID, self._pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                is not None
+            )
         except ChildProcessError:
             return True
 
@@ -694,14 +852,21 @@ class Child:
                     self.node_id,
                     stream,
                     text,
-                    extra={"pid": self._pid, "plan_id": self.plan_id, "node_id": self.node_id, "stream": stream},
+                    extra={
+                        "pid": self._pid,
+                        "plan_id": self.plan_id,
+                        "node_id": self.node_id,
+                        "stream": stream,
+                    },
                 )
                 hook = self.on_output
                 if hook is not None:
                     try:
                         hook(stream, text)
-                    except Exception:
-                        isolation_logger.exception("on_output hook of child %d failed", self._pid)
+                    except Exception:  # noqa: BLE001 - a failing hook must not stop the pump
+                        isolation_logger.exception(
+                            "on_output hook of child %d failed", self._pid
+                        )
 
     def __repr__(self) -> str:
         state = "alive" if self.alive else "dead"
@@ -733,7 +898,9 @@ def _rebuild(error: Mapping[str, Any]) -> Exception | None:
         return None
 
 
-def failure_to_error(failure: ChildFailure, *, where: str, phase: str | None = None) -> SomaError:
+def failure_to_error(
+    failure: ChildFailure, *, where: str, phase: str | None = None
+) -> SomaError:
     """The user-facing error for a child failure (worker.md §5.8, api.md §5.7).
 
     ``user_error`` -> ``FilterError`` ("Python <method>() error: <Type>: <msg>", with
@@ -782,12 +949,17 @@ def failure_to_error(failure: ChildFailure, *, where: str, phase: str | None = N
     elif failure.code in _CONFIG_CODES:
         result = SomaConfigError(failure.message)
     elif failure.code in _INTERNAL_CODES:
-        result = SomaError(f"internal error in the {where} child protocol: {failure.code}: {failure.message}")
+        result = SomaError(
+            f"internal error in the {where} child protocol: {failure.code}: {failure.message}"
+        )
     else:
         result = SomaError(f"{failure.code}: {failure.message}")
+    # Like the worker's client mapping, every error carries code, retryable and node_id.
+    tags: dict[str, Any] = {"node_id": node_id}
     if not isinstance(result, ChildError):
-        result.code = failure.code if failure.code not in _INTERNAL_CODES else "internal"  # type: ignore[attr-defined]
-        result.retryable = False  # type: ignore[attr-defined]
-    result.node_id = node_id  # type: ignore[attr-defined]
+        tags["code"] = "internal" if failure.code in _INTERNAL_CODES else failure.code
+        tags["retryable"] = False
+    for name, value in tags.items():
+        setattr(result, name, value)
     result.__cause__ = failure
     return result

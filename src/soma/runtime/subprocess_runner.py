@@ -26,7 +26,7 @@ import pickle
 import sys
 import time
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import cloudpickle
 
@@ -54,7 +54,10 @@ def _is_plain_numpy(value: object) -> bool:
 
 
 def _is_tensor(value: object) -> bool:
-    return type(value).__module__.startswith("torch") and type(value).__name__ in ("Tensor", "Parameter")
+    return type(value).__module__.startswith("torch") and type(value).__name__ in (
+        "Tensor",
+        "Parameter",
+    )
 
 
 def encode(value: Any) -> Any:
@@ -103,7 +106,13 @@ class SubprocessRunner:
 
     where = WHERE
 
-    def __init__(self, spec: RunnerSpec, *, pool: Pool | None = None, child_spec: ChildSpec | None = None) -> None:
+    def __init__(
+        self,
+        spec: RunnerSpec,
+        *,
+        pool: Pool | None = None,
+        child_spec: ChildSpec | None = None,
+    ) -> None:
         self._spec = spec
         self._pool = pool
         self._child_spec = child_spec or ChildSpec()
@@ -113,23 +122,32 @@ class SubprocessRunner:
         self._codec = _decoder()
         self._forward_memo: dict[str, tuple[Any, Any, Any]] = {}
 
-    def __enter__(self) -> SubprocessRunner:
+    def __enter__(self) -> Self:
         pool = self._pool or default_pool()
         try:
             self._child = self._stack.enter_context(pool.checkout(self._child_spec))
         except ChildFailure as failure:
-            raise failure_to_error(failure, where=WHERE, phase=self._spec.phase)  # noqa: B904 - cause set inside
+            raise failure_to_error(failure, where=WHERE, phase=self._spec.phase)
         try:
             if self._spec.timeout is not None:
                 self._deadline = time.monotonic() + self._spec.timeout
-            self._call("LOAD", None, filters=self._filters(), runtime=_runtime(), seed=self._spec.seed)
+            self._call(
+                "LOAD",
+                None,
+                filters=self._filters(),
+                runtime=_runtime(),
+                seed=self._spec.seed,
+            )
         except BaseException:
             self._stack.close()
             raise
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self._forward_memo.clear()
         self._stack.close()
@@ -147,7 +165,14 @@ class SubprocessRunner:
                     f"subprocess: {type(exc).__name__}: {exc}"
                 ) from exc
             trainable = read_meta(filter_obj).kind == "trainable"
-            entries.append({"id": node_id, "pickle": data, "trainable": trainable, "differentiable": False})
+            entries.append(
+                {
+                    "id": node_id,
+                    "pickle": data,
+                    "trainable": trainable,
+                    "differentiable": False,
+                }
+            )
         return entries
 
     def _call(self, cmd: str, node: str | None, **fields: Any) -> dict[str, Any]:
@@ -162,9 +187,11 @@ class SubprocessRunner:
                 node_id=node,
             )
         try:
-            return self._child.call(cmd, timeout=remaining, budget=self._spec.timeout, **fields)
+            return self._child.call(
+                cmd, timeout=remaining, budget=self._spec.timeout, **fields
+            )
         except ChildFailure as failure:
-            raise failure_to_error(failure, where=WHERE, phase=self._spec.phase)  # noqa: B904 - cause set inside
+            raise failure_to_error(failure, where=WHERE, phase=self._spec.phase)
 
     def _decode(self, value: Any) -> Any:
         try:
@@ -184,7 +211,9 @@ class SubprocessRunner:
             try:
                 state = unwrap_state(self._spec.filters[node_id], state)
             except Exception as exc:
-                raise SomaError(f"cannot load the weights node `{node_id}` trained in the subprocess: {exc}") from exc
+                raise SomaError(
+                    f"cannot load the weights node `{node_id}` trained in the subprocess: {exc}"
+                ) from exc
         return state
 
     # -- the NodeRunner methods ----------------------------------------------------------------
@@ -194,7 +223,9 @@ class SubprocessRunner:
         reply = self._call("FIT", node_id, node_id=node_id, data=encode(x), y=encode(y))
         return self._state(node_id, reply["result"])
 
-    def partial_fit(self, node_id: str, x: Any, y: Any, batch_size: int, on_batch: BatchCallback) -> Any:
+    def partial_fit(
+        self, node_id: str, x: Any, y: Any, batch_size: int, on_batch: BatchCallback
+    ) -> Any:
         """The §5.4 batch loop in the child; ``on_batch`` hears of every batch; returns the state.
 
         The child also computes the forward output on the whole input; it is kept for the
@@ -202,7 +233,9 @@ class SubprocessRunner:
         """
 
         def progress(frame: dict[str, Any]) -> None:
-            on_batch(frame["batch"], frame["n_batches"], frame["rows"], frame["total_rows"])
+            on_batch(
+                frame["batch"], frame["n_batches"], frame["rows"], frame["total_rows"]
+            )
 
         reply = self._call(
             "BATCHED_FIT",
@@ -222,7 +255,9 @@ class SubprocessRunner:
         memo = self._forward_memo.pop(node_id, None)
         if memo is not None and memo[0] is x and memo[1] is state:
             return self._decode(memo[2])
-        reply = self._call("FORWARD", node_id, node_id=node_id, data=encode(x), state=encode(state))
+        reply = self._call(
+            "FORWARD", node_id, node_id=node_id, data=encode(x), state=encode(state)
+        )
         return self._decode(reply["result"])
 
     def update(self, node_id: str, x: Any, state: Any) -> Any:
@@ -232,11 +267,20 @@ class SubprocessRunner:
         whose output stays in the child as a handle; GET_STATE then fetches the state.
         """
         self._call(
-            "FORWARD", node_id, node_id=node_id, data=encode(x), state=encode(state), evolve=True, **{"return": "handle"}
+            "FORWARD",
+            node_id,
+            node_id=node_id,
+            data=encode(x),
+            state=encode(state),
+            evolve=True,
+            **{"return": "handle"},
         )
         reply = self._call("GET_STATE", node_id, node_id=node_id)
         return self._state(node_id, reply["state"])
 
 
 def _runtime() -> dict[str, str]:
-    return {"python": ".".join(map(str, sys.version_info[:3])), "cloudpickle": cloudpickle.__version__}
+    return {
+        "python": ".".join(map(str, sys.version_info[:3])),
+        "cloudpickle": cloudpickle.__version__,
+    }
