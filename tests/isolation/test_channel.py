@@ -317,3 +317,30 @@ def test_received_buffers_can_be_forwarded_on_another_channel() -> None:
     finally:
         for fd in (first_r, first_w, second_r, second_w):
             os.close(fd)
+
+
+class _Refused(Exception):
+    pass
+
+
+def test_reducer_override_sees_non_native_objects_and_can_refuse(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    seen: list[type] = []
+
+    def override(obj: object) -> object:
+        seen.append(type(obj))
+        if isinstance(obj, complex):
+            raise _Refused
+        return NotImplemented
+
+    with pytest.raises(_Refused):
+        channel.write_frame(w, [1.0, "s", 2j], reducer_override=override)
+    assert seen == [complex]
+    channel.write_frame(w, {"a": np.arange(3)}, reducer_override=override)
+    assert np.array_equal(read_soon(r, loads=channel.restricted_loads)["a"], np.arange(3))  # type: ignore[index]
+
+
+def test_is_allowed_global_matches_the_restricted_unpickler() -> None:
+    assert channel.is_allowed_global("soma.isolation.markers", "Opaque")
+    assert channel.is_allowed_global("numpy", "dtype")
+    assert not channel.is_allowed_global("os", "system")

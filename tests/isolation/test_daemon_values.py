@@ -237,6 +237,8 @@ def test_python_values_round_trip_with_their_types(daemon: DaemonProcess) -> Non
     load(daemon, spec("id", Identity()))
     value = {
         "np_scalars": [np.float32(1.5), np.int64(-3), np.bool_(True)],
+        "dtype": np.dtype("int16"),
+        "object_array": np.array([Point(7, 8), None], dtype=object),
         "tuple": (1, "two", b"three"),
         "bytes": b"\x00\xff",
         "set": {1, 2, 3},
@@ -246,9 +248,16 @@ def test_python_values_round_trip_with_their_types(daemon: DaemonProcess) -> Non
         "int_keys": {1: "a", (2, 3): "b"},
         "complex": 1 + 2j,
     }
-    sent = {**value, "point": opaque(value["point"]), "points": [opaque(Point(3, 4)), (opaque(Point(5, 6)),)]}
+    sent = {
+        **value,
+        "point": opaque(value["point"]),
+        "points": [opaque(Point(3, 4)), (opaque(Point(5, 6)),)],
+        "object_array": opaque(value["object_array"]),
+    }
     result = client_value(daemon.ok("FORWARD", node_id="id", data=sent)["result"])
-    assert result == value
+    object_array = result.pop("object_array")
+    assert object_array.dtype == object and list(object_array) == [Point(7, 8), None]
+    assert result == {k: v for k, v in value.items() if k != "object_array"}
     assert [type(v) for v in result["np_scalars"]] == [np.float32, np.int64, np.bool_]
     assert type(result["tuple"]) is tuple and type(result["set"]) is set
     assert type(result["point"]) is Point

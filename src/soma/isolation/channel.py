@@ -30,6 +30,8 @@ import os
 import pickle
 import select
 import struct
+import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +44,7 @@ __all__ = [
     "VERSION",
     "ChannelClosed",
     "FrameError",
+    "is_allowed_global",
     "read_frame",
     "restricted_loads",
     "tune_pipe",
@@ -58,9 +61,11 @@ SPIN_SECONDS = 200e-6
 _HEADER = struct.Struct("<4sIQI")
 _LENGTH = struct.Struct("<Q")
 _IOV_MAX = 1024
-# Buffers at least this large are read into pre-faulted anonymous maps (see _allocate).
+# Buffers at least this large are read into pre-faulted, reused anonymous maps (_ReceivePool).
 _LARGE_BUFFER = 4 << 20
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_POOL_BYTES = 1 << 30
+_POOL_IDLE_SECONDS = 10.0
 _F_SETPIPE_SZ = 1031
 _F_GETPIPE_SZ = 1032
 _PIPE_MAX_SIZE = "/proc/sys/fs/pipe-max-size"
@@ -76,7 +81,13 @@ class ChannelClosed(EOFError):
     """The other end closed the channel (EOF), at a frame boundary or inside a frame."""
 
 
-def write_frame(fd: int, msg: Any, *, deadline: float | None = None) -> int:
+def write_frame(
+    fd: int,
+    msg: Any,
+    *,
+    deadline: float | None = None,
+    reducer_override: Callable[[Any], Any] | None = None,
+) -> int:
     """Pickle ``msg`` (protocol 5) and write it to ``fd`` as one frame; return the bytes written.
 
     The payload is pickled before anything is written, so a message that cannot be
@@ -85,16 +96,41 @@ def write_frame(fd: int, msg: Any, *, deadline: float | None = None) -> int:
     writes and non-blocking fds are handled. ``deadline`` (a ``time.monotonic()``
     value) bounds the time spent waiting for the reader to drain the pipe and raises
     ``TimeoutError``; it needs a non-blocking fd, so giving one makes ``fd`` non-blocking.
-    ``BrokenPipeError`` means the reader is gone.
+    ``BrokenPipeError`` means the reader is gone. ``reducer_override`` is installed on
+    the pickler (see ``pickle.Pickler.reducer_override``); whatever it raises propagates
+    before anything is written.
     """
     raw_buffers: list[memoryview] = []
-    payload = pickle.dumps(msg, protocol=5, buffer_callback=lambda b: raw_buffers.append(b.raw()))
-    header = bytearray(_HEADER.pack(MAGIC, VERSION, len(payload), len(raw_buffers)))
+
+    def keep(buffer: pickle.PickleBuffer) -> None:
+        raw_buffers.append(buffer.raw())
+
+    if reducer_override is None:
+        payload: bytes | memoryview = pickle.dumps(msg, protocol=5, buffer_callback=keep)
+    else:
+        stream = io.BytesIO()
+        _OverridingPickler(stream, keep, reducer_override).dump(msg)
+        payload = stream.getbuffer()
+    header = bytearray(_HEADER.pack(MAGIC, VERSION, memoryview(payload).nbytes, len(raw_buffers)))
     for view in raw_buffers:
         header += _LENGTH.pack(view.nbytes)
     if deadline is not None and os.get_blocking(fd):
         os.set_blocking(fd, False)
     return _write_all(fd, [memoryview(header), memoryview(payload), *raw_buffers], deadline)
+
+
+class _OverridingPickler(pickle.Pickler):
+    def __init__(
+        self,
+        stream: io.BytesIO,
+        buffer_callback: Callable[[pickle.PickleBuffer], None],
+        override: Callable[[Any], Any],
+    ) -> None:
+        super().__init__(stream, protocol=5, buffer_callback=buffer_callback)
+        self._override = override
+
+    def reducer_override(self, obj: Any) -> Any:
+        return self._override(obj)
 
 
 def _write_all(fd: int, views: list[memoryview], deadline: float | None) -> int:
@@ -164,12 +200,76 @@ def read_frame(
 
 
 def _allocate(size: int) -> bytearray | pickle.PickleBuffer:
-    if size < _LARGE_BUFFER or not _MAP_POPULATE:
+    if size < _LARGE_BUFFER:
         return bytearray(size)
-    # Faulting the pages in up front, in one kernel call, is about twice as fast as
-    # taking one page fault per 4 KiB while the pipe is read into fresh memory. The
-    # map is wrapped so that it still pickles (out of band) when forwarded.
-    return pickle.PickleBuffer(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_POPULATE))
+    return _ReceivePool.take(size)
+
+
+class _ReceivePool:
+    """Large receive buffers, kept after their values are dropped for later frames to reuse.
+
+    Fresh memory costs a page fault per 4 KiB page on first touch, which halves the
+    reader's speed; new maps are therefore faulted in up front in one kernel call
+    (``MAP_POPULATE``), and maps whose values are gone are reused warm. A map is free
+    when nothing but the pool refers to it: every array, tensor or view over it holds
+    a reference through the buffer protocol. At most ``_POOL_BYTES`` are kept, and
+    free maps unused for ``_POOL_IDLE_SECONDS`` are released (``_wait`` wakes a
+    sleeping reader for that), so an idle process gives the memory back.
+    """
+
+    lock = threading.Lock()
+    maps: list[tuple[mmap.mmap, list[float]]] = []  # (map, [last used, monotonic])
+
+    @classmethod
+    def take(cls, size: int) -> pickle.PickleBuffer:
+        with cls.lock:
+            now = time.monotonic()
+            cls._release(now - _POOL_IDLE_SECONDS)
+            free = [entry for entry in cls.maps if cls._is_free(entry) and size <= len(entry[0]) <= 2 * size]
+            if free:
+                buffer, used = min(free, key=lambda entry: len(entry[0]))
+                used[0] = now
+                return pickle.PickleBuffer(memoryview(buffer)[:size] if len(buffer) != size else buffer)
+            buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_POPULATE)
+            if size <= _POOL_BYTES:
+                cls._release(now, keep=_POOL_BYTES - size)
+                if sum(len(entry[0]) for entry in cls.maps) + size <= _POOL_BYTES:
+                    cls.maps.append((buffer, [now]))
+            return pickle.PickleBuffer(buffer)
+
+    @classmethod
+    def trim(cls) -> None:
+        """Release free maps unused for ``_POOL_IDLE_SECONDS``."""
+        with cls.lock:
+            cls._release(time.monotonic() - _POOL_IDLE_SECONDS)
+
+    @classmethod
+    def holds_free(cls) -> bool:
+        return any(cls._is_free(entry) for entry in cls.maps)
+
+    @classmethod
+    def _release(cls, unused_since: float, keep: int | None = None) -> None:
+        """Drop free maps last used before ``unused_since``, oldest first; with ``keep``, until that many bytes remain."""
+        for entry in sorted(cls.maps, key=lambda entry: entry[1][0]):
+            if keep is not None and sum(len(e[0]) for e in cls.maps) <= keep:
+                return
+            if entry[1][0] < unused_since and cls._is_free(entry):
+                cls.maps.remove(entry)
+
+    @staticmethod
+    def _is_free(entry: tuple[mmap.mmap, list[float]]) -> bool:
+        return sys.getrefcount(entry[0]) == _FREE_REFS
+
+
+def _free_refs() -> int:
+    """What ``sys.getrefcount`` reports for a pooled map nothing else refers to, on this interpreter."""
+    entry = (mmap.mmap(-1, mmap.PAGESIZE), [0.0])
+    refs = sys.getrefcount(entry[0])
+    entry[0].close()
+    return refs
+
+
+_FREE_REFS = _free_refs()
 
 
 def _read_exact(fd: int, views: list[memoryview], deadline: float | None, *, at_boundary: bool = False) -> None:
@@ -252,15 +352,21 @@ def _wait(fd: int, event: int, deadline: float | None) -> None:
     if event == select.POLLIN:
         _Spin.slept(fd)
     while True:
-        if deadline is None:
-            timeout_ms = -1
-        else:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("nothing arrived on the channel before the deadline")
-            timeout_ms = max(1, int(remaining * 1000 + 0.999))
+        timeout_ms = -1 if deadline is None else _remaining_ms(deadline)
+        if event == select.POLLIN and _ReceivePool.holds_free():
+            # Wake up once in a while to give idle receive buffers back.
+            trim_ms = int(_POOL_IDLE_SECONDS * 1000)
+            timeout_ms = trim_ms if timeout_ms < 0 else min(timeout_ms, trim_ms)
         if poller.poll(timeout_ms):
             return
+        _ReceivePool.trim()
+
+
+def _remaining_ms(deadline: float) -> int:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError("nothing arrived on the channel before the deadline")
+    return max(1, int(remaining * 1000 + 0.999))
 
 
 _ALLOWED_GLOBALS = frozenset(
@@ -289,6 +395,11 @@ _ALLOWED_GLOBALS = frozenset(
         ("soma.isolation.markers", "TorchData"),
     }
 )
+
+
+def is_allowed_global(module: str, name: str) -> bool:
+    """Whether ``restricted_loads`` lets a pickle refer to the global ``module.name``."""
+    return (module, name) in _ALLOWED_GLOBALS
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

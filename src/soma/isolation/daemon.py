@@ -34,7 +34,7 @@ import platform
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -525,6 +525,9 @@ class Daemon:
         self._handles: dict[str, Any] = {}
         self._handle_count = 0
         self._seed: int | None = None
+        self._has_markers = True
+        self._result_node_id: str | None = None
+        self._command: Any = None
         self.stopping = False
         self._commands: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
             "LOAD": self._load,
@@ -540,10 +543,16 @@ class Daemon:
             "SHUTDOWN": self._shutdown,
         }
 
-    def handle(self, request: Any) -> dict[str, Any]:
-        """Run one request and return its reply (``ok`` true, or false with an ``error`` dict)."""
+    def handle(self, request: Any, *, has_markers: bool = True) -> dict[str, Any]:
+        """Run one request and return its reply (``ok`` true, or false with an ``error`` dict).
+
+        ``has_markers=False`` promises the request holds no marker (the unpickler saw no
+        marker class), so its values are used as they are, without a walk. A ``result``
+        in the reply is the raw value: send the reply with ``send_reply``.
+        """
+        self._has_markers = has_markers
         fields = request if isinstance(request, dict) else {}
-        command = fields.get("cmd")
+        command = self._command = fields.get("cmd")
         node_id = fields.get("node_id") if isinstance(fields.get("node_id"), str) else None
         reply: dict[str, Any] = {"kind": "reply", "id": fields.get("id")}
         try:
@@ -593,16 +602,19 @@ class Daemon:
 
     def materialise(self, value: Any) -> Any:
         """Turn a request value into objects: markers resolved, containers rebuilt only if needed."""
+        if not self._has_markers:
+            return value
         kind = type(value)
         if kind in _LEAF_TYPES:
             return value
-        if kind is list:
-            if all(type(item) in _LEAF_TYPES for item in value):
+        if kind is list or kind is tuple:
+            if _leaves_only(value):
                 return value
-            return [self.materialise(item) for item in value]
-        if kind is tuple:
-            return tuple(self.materialise(item) for item in value)
+            items = [self.materialise(item) for item in value]
+            return items if kind is list else tuple(items)
         if kind is dict:
+            if _leaves_only(value.values()):
+                return value
             return {key: self.materialise(item) for key, item in value.items()}
         if kind is Opaque:
             try:
@@ -629,13 +641,14 @@ class Daemon:
         kind = type(value)
         if kind in _LEAF_TYPES:
             return value
-        if kind is list:
-            if all(type(item) in _LEAF_TYPES for item in value):
+        if kind is list or kind is tuple:
+            if _leaves_only(value):
                 return value
-            return [self.neutralise(item, node_id) for item in value]
-        if kind is tuple:
-            return tuple(self.neutralise(item, node_id) for item in value)
-        if kind is dict and all(_is_neutral_key(key) for key in value):
+            items = [self.neutralise(item, node_id) for item in value]
+            return items if kind is list else tuple(items)
+        if kind is dict and (_leaves_only(value) or all(_is_neutral_key(key) for key in value)):
+            if _leaves_only(value.values()):
+                return value
             return {key: self.neutralise(item, node_id) for key, item in value.items()}
         if _is_plain_numpy(value):
             return value
@@ -653,6 +666,27 @@ class Daemon:
             ) from exc
         return Opaque(data, list(buffers))
 
+    def send_reply(self, write_fd: int, reply: dict[str, Any]) -> None:
+        """Write ``reply``, its ``result`` neutralised (isolation.md §3.2).
+
+        Most results are neutral already (numbers, lists of floats, plain arrays), so
+        the reply is first pickled as it is, with a reducer that stops at the first
+        object needing a marker; only then is the result walked and re-pickled. That
+        spares the walk over lists of millions of floats.
+        """
+        try:
+            channel.write_frame(write_fd, reply, reducer_override=_reduce_neutral)
+            return
+        except _NeedsNeutralising:
+            if "result" not in reply:
+                raise
+        try:
+            reply = {**reply, "result": self.neutralise(reply["result"], self._result_node_id)}
+        except CommandError as exc:
+            error = _error_dict(exc.code, exc.message, command=self._command, node_id=exc.node_id, exc=exc.__cause__)
+            reply = {"kind": "reply", "id": reply["id"], "ok": False, "error": error}
+        channel.write_frame(write_fd, reply)
+
     def _reply_value(self, request: Mapping[str, Any], value: Any, node_id: str | None) -> dict[str, Any]:
         mode, want_blob = self._result_options(request)
         body: dict[str, Any] = {"summary": batching.output_summary(value)}
@@ -662,7 +696,8 @@ class Daemon:
             self._handles[name] = value
             body["handle"] = name
         else:
-            body["result"] = self.neutralise(value, node_id)
+            body["result"] = value  # neutralised while the reply is pickled: see encode_reply
+            self._result_node_id = node_id
         if want_blob:
             body["blob"] = _blob(value, node_id)
         return body
@@ -1011,6 +1046,32 @@ class Daemon:
         return {}
 
 
+class _NeedsNeutralising(Exception):
+    """Raised while pickling a reply that holds an object the parent may not unpickle."""
+
+
+_NATIVE_TYPES = frozenset({complex, bytearray, pickle.PickleBuffer, Opaque, TorchData, Handle, Concat})
+
+
+def _reduce_neutral(obj: Any) -> Any:
+    """``reducer_override`` accepting only what ``restricted_loads`` can rebuild."""
+    kind = type(obj)
+    if kind in _NATIVE_TYPES or _is_plain_numpy(obj):
+        return NotImplemented
+    if isinstance(obj, type) or callable(obj) and kind.__name__ in ("function", "builtin_function_or_method"):
+        # The reduce callables of allowed values (numpy reconstructors, marker classes).
+        if channel.is_allowed_global(getattr(obj, "__module__", ""), getattr(obj, "__qualname__", "")):
+            return NotImplemented
+    elif kind.__module__ == "numpy.dtypes" and _is_plain_dtype(obj):
+        return NotImplemented
+    raise _NeedsNeutralising
+
+
+def _leaves_only(values: Iterable[Any]) -> bool:
+    """Whether every item is a neutral scalar: one C-speed pass, for lists of millions of floats."""
+    return set(map(type, values)) <= _LEAF_TYPES
+
+
 def _is_neutral_key(key: object) -> bool:
     kind = type(key)
     if kind in _LEAF_TYPES:
@@ -1027,7 +1088,10 @@ def _is_plain_numpy(value: object) -> bool:
     numpy = sys.modules["numpy"]
     if not (type(value) is numpy.ndarray or isinstance(value, numpy.generic)):
         return False
-    dtype = value.dtype  # type: ignore[attr-defined]
+    return _is_plain_dtype(value.dtype)  # type: ignore[attr-defined]
+
+
+def _is_plain_dtype(dtype: Any) -> bool:
     # The restricted unpickler knows numpy's own scalar types only, and no objects.
     return not dtype.hasobject and dtype.type.__module__ == "numpy"
 
@@ -1143,8 +1207,11 @@ class _RequestUnpickler(pickle.Unpickler):
     def __init__(self, payload: Any, buffers: list[Any]) -> None:
         super().__init__(io.BytesIO(payload), buffers=buffers)
         self.missing: list[str] = []
+        self.has_markers = False
 
     def find_class(self, module: str, name: str) -> Any:
+        if module == Opaque.__module__:
+            self.has_markers = True
         try:
             return super().find_class(module, name)
         except (ImportError, AttributeError):
@@ -1152,9 +1219,9 @@ class _RequestUnpickler(pickle.Unpickler):
             return _MissingGlobal
 
 
-def _load_request(payload: Any, buffers: list[Any]) -> tuple[Any, list[str]]:
+def _load_request(payload: Any, buffers: list[Any]) -> tuple[Any, list[str], bool]:
     unpickler = _RequestUnpickler(payload, buffers)
-    return unpickler.load(), unpickler.missing
+    return unpickler.load(), unpickler.missing, unpickler.has_markers
 
 
 def serve(read_fd: int, write_fd: int) -> int:
@@ -1162,7 +1229,7 @@ def serve(read_fd: int, write_fd: int) -> int:
     daemon = Daemon(lambda message: channel.write_frame(write_fd, message))
     while True:
         try:
-            request, missing = channel.read_frame(read_fd, loads=_load_request)
+            request, missing, has_markers = channel.read_frame(read_fd, loads=_load_request)
         except channel.ChannelClosed:
             return 0
         except Exception as exc:  # noqa: BLE001 - a frame or payload we cannot parse: the channel is out of step
@@ -1182,9 +1249,9 @@ def serve(read_fd: int, write_fd: int) -> int:
                 ),
             }
         else:
-            reply = daemon.handle(request)
+            reply = daemon.handle(request, has_markers=has_markers)
         try:
-            channel.write_frame(write_fd, reply)
+            daemon.send_reply(write_fd, reply)
         except BrokenPipeError:
             return 0
         except OSError:
