@@ -177,13 +177,13 @@ class Pool:
             self.memory_watch.register(child, spec.memory_limit)
 
     def _release(self, child: Child) -> None:
-        if self.memory_watch is not None:
-            self.memory_watch.unregister(child)
         with self._lock:
             if child in self._pinned:
-                return
+                return  # a session child stays watched until kill_pinned
             self._busy.discard(child)
             closed = self._closed
+        if self.memory_watch is not None:
+            self.memory_watch.unregister(child)
         reason: str | None = None
         if closed:
             reason = "closed"

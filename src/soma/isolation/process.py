@@ -729,7 +729,7 @@ class Child:
         if any(fd == self._reply_fd for fd, _ in events):
             return
         # Only the pidfd fired. A reply written just before exiting is still in the pipe.
-        if select.select([self._reply_fd], [], [], 0)[0]:
+        if _readable(self._reply_fd, 0):
             return
         self._fail_dead(cmd)
 
@@ -812,7 +812,7 @@ class Child:
     def _wait_exit(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for the process to exit, without reaping it."""
         if self._pidfd is not None and not self._reaped:
-            return bool(select.select([self._pidfd], [], [], timeout)[0])
+            return _readable(self._pidfd, timeout)
         end = time.monotonic() + timeout
         while not self._exited():
             if time.monotonic() >= end:
@@ -871,6 +871,13 @@ class Child:
     def __repr__(self) -> str:
         state = "alive" if self.alive else "dead"
         return f"<Child pid={self._pid} {state} interpreter={self.spec.interpreter!r} env={self.spec.env_key!r}>"
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` becomes readable within ``timeout`` s (``poll``: no FD_SETSIZE limit)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000 + 0.999))))
 
 
 def _full_loads(payload: Any, buffers: Iterable[Any]) -> Any:
