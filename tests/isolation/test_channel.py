@@ -344,3 +344,36 @@ def test_is_allowed_global_matches_the_restricted_unpickler() -> None:
     assert channel.is_allowed_global("soma.isolation.markers", "Opaque")
     assert channel.is_allowed_global("numpy", "dtype")
     assert not channel.is_allowed_global("os", "system")
+
+
+def _send_and_receive(r: int, w: int, value: object) -> object:
+    result: dict[str, object] = {}
+    reader = threading.Thread(target=lambda: result.setdefault("m", read_soon(r)))
+    reader.start()
+    channel.write_frame(w, value)
+    reader.join(10)
+    return result["m"]
+
+
+def test_large_receive_buffers_are_reused_only_once_released(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    size = 5 << 20
+    first = _send_and_receive(r, w, np.full(size, 1, dtype=np.uint8))
+    second = _send_and_receive(r, w, np.full(size, 2, dtype=np.uint8))
+    assert int(first.min()) == int(first.max()) == 1  # type: ignore[attr-defined]
+    del first
+    third = _send_and_receive(r, w, np.full(size, 3, dtype=np.uint8))
+    assert int(second.min()) == int(second.max()) == 2  # type: ignore[attr-defined]
+    assert int(third.min()) == int(third.max()) == 3  # type: ignore[attr-defined]
+    assert third.flags.writeable  # type: ignore[attr-defined]
+
+
+def test_idle_receive_buffers_are_given_back(pipe: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    r, w = pipe
+    monkeypatch.setattr(channel, "_POOL_IDLE_SECONDS", 0.1)
+    received = _send_and_receive(r, w, np.zeros(5 << 20, dtype=np.uint8))
+    del received
+    assert channel._ReceivePool.holds_free()
+    with pytest.raises(TimeoutError):
+        channel.read_frame(r, deadline=time.monotonic() + 0.5)
+    assert not channel._ReceivePool.holds_free()

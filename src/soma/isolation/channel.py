@@ -9,9 +9,9 @@ All integers are little-endian. Out-of-band buffers (numpy arrays, tensor bytes)
 never copied into the payload: the writer hands their memory to ``os.writev`` and the
 reader fills one pre-sized buffer per array, so an array costs one copy per side and
 arrives writable. Small buffers arrive as ``bytearray``; large ones as a
-``pickle.PickleBuffer`` over memory faulted in up front (first-touch page faults
-otherwise halve the reader's speed), which still pickles, out of band, when a parent
-relays it to another channel.
+``pickle.PickleBuffer`` over an anonymous map, faulted in up front or reused warm once
+its previous values are gone (first-touch page faults otherwise halve the reader's
+speed); it still pickles, out of band, when a parent relays it to another channel.
 
 Waking a process blocked in ``poll`` costs tens of microseconds each way, which
 dominates small calls, so a reader first spins on a zero-timeout ``poll`` for at most
