@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import sys
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -39,6 +40,7 @@ from soma.worker.store import Store
 cloudpickle.register_pickle_by_value(_execute_filters)
 
 __all__ = [
+    "CAPS",
     "RecordingConnection",
     "Rig",
     "chain",
@@ -52,6 +54,9 @@ __all__ = [
 ]
 
 _plan_ids = itertools.count(1)
+
+CAPS = Effective(cpu_cores=2, ram_bytes=8 << 30, gpus=(), python_envs=(), tags=("cpu",))
+"""The capabilities the test worker advertises (no detection)."""
 
 
 class RecordingConnection:
@@ -77,7 +82,8 @@ class RecordingConnection:
 
 def filt(node_id: str, obj: Any, *, trainable: bool = False, **fields: Any) -> SerializedFilter:
     """A ``SerializedFilter`` of ``obj`` pickled by value."""
-    return SerializedFilter(node_id=node_id, pickled_filter=cloudpickle.dumps(obj, protocol=5), trainable=trainable, **fields)
+    pickled = cloudpickle.dumps(obj, protocol=5)
+    return SerializedFilter(node_id=node_id, pickled_filter=pickled, trainable=trainable, **fields)
 
 
 def chain(*node_ids: str) -> dict[str, Any]:
@@ -181,7 +187,7 @@ async def rig(
     config = WorkerConfig(**options)
     store = Store(config.temp_dir, ttl=3600).open()
     pool = Pool(max_idle=config.max_concurrent, idle_ttl=60, memory_watch=memory_watch, **(pool_options or {}))
-    caps = Effective(cpu_cores=cpu_cores, ram_bytes=8 << 30, gpus=gpu_devices, python_envs=(), tags=("cpu",))
+    caps = dataclasses.replace(CAPS, cpu_cores=cpu_cores, gpus=gpu_devices)
     executor = PlanExecutor(config, pool=pool, store=store, capabilities=caps)
     try:
         yield Rig(executor, pool, store, config)

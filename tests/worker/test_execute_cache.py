@@ -51,13 +51,19 @@ async def test_output_keys_are_used_exactly_as_sent(tmp_path: Path) -> None:
 async def test_fit_states_and_outputs_hit_and_no_user_method_runs(tmp_path: Path) -> None:
     async with rig(tmp_path) as r:
         msg = plan(
-            chain("s"), [filt("s", F.Scaler(), trainable=True, fit_key=K1, out_key=K2)], input=[1.0, 3.0], mode=fit_mode()
+            chain("s"),
+            [filt("s", F.Scaler(), trainable=True, fit_key=K1, out_key=K2)],
+            input=[1.0, 3.0],
+            mode=fit_mode(),
         )
         first = success(await r.run(msg))
         assert first.states == {"s": {"mean": 2.0}}
         conn = RecordingConnection()
         again = plan(
-            chain("s"), [filt("s", F.FailingTrainable(), trainable=True, fit_key=K1, out_key=K2)], input=[1.0, 3.0], mode=fit_mode()
+            chain("s"),
+            [filt("s", F.FailingTrainable(), trainable=True, fit_key=K1, out_key=K2)],
+            input=[1.0, 3.0],
+            mode=fit_mode(),
         )
         view = _client_view(await r.run(again, conn))
         assert view.states == {"s": {"mean": 2.0}} and view.output == [-1.0, 1.0]
@@ -66,7 +72,8 @@ async def test_fit_states_and_outputs_hit_and_no_user_method_runs(tmp_path: Path
 
 async def test_a_state_hit_feeds_the_forward_that_follows(tmp_path: Path) -> None:
     async with rig(tmp_path) as r:
-        await r.run(plan(chain("s"), [filt("s", F.Scaler(), trainable=True, fit_key=K3)], input=[2.0, 4.0], mode=fit_mode()))
+        scaler = filt("s", F.Scaler(), trainable=True, fit_key=K3)
+        await r.run(plan(chain("s"), [scaler], input=[2.0, 4.0], mode=fit_mode()))
         conn = RecordingConnection()
         msg = plan(chain("s"), [filt("s", F.Scaler(), trainable=True, fit_key=K3)], input=[5.0], mode=fit_mode())
         result = success(await r.run(msg, conn))
@@ -128,7 +135,8 @@ async def test_the_worker_never_unpickles_a_cache_blob(tmp_path: Path, monkeypat
     DiskTier(shared).write_bytes(K3, blob, {"kind": "output", "node_id": "g"})
     monkeypatch.setenv("PYTHONPATH", str(code_dir))  # only children can import the class
     async with rig(tmp_path, cache_dir=shared) as r:
-        msg = plan(chain("g", "t"), [filt("g", F.Failing(), out_key=K3), filt("t", F.Shape())], input=None, outputs=["g", "t"])
+        filters = [filt("g", F.Failing(), out_key=K3), filt("t", F.Shape())]
+        msg = plan(chain("g", "t"), filters, input=None, outputs=["g", "t"])
         result = success(await r.run(msg))
     assert result.output["t"] == {"type": "Ghost", "len": None}
     assert result.output["g"].data == blob and module not in sys.modules

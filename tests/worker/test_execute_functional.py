@@ -54,7 +54,10 @@ async def test_a_v2_fork_join_fit_streams_events_then_its_result(tmp_path: Path,
         "type": "Sequence",
         "steps": [
             {"type": "Execute", "node_id": "src"},
-            {"type": "Parallel", "branches": [{"type": "Execute", "node_id": "l"}, {"type": "Execute", "node_id": "r"}]},
+            {
+                "type": "Parallel",
+                "branches": [{"type": "Execute", "node_id": "l"}, {"type": "Execute", "node_id": "r"}],
+            },
             {"type": "Execute", "node_id": "j"},
         ],
     }
@@ -99,7 +102,9 @@ async def test_a_v1_golden_fit_through_the_websocket(tmp_path: Path, http: aioht
     assert reply["result"]["output"]["value"]["data"]["values"] == [-2.0, 0.0, 2.0]
 
 
-async def test_cancel_plan_answers_within_a_second_and_the_child_is_gone(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+async def test_cancel_plan_answers_within_a_second_and_the_child_is_gone(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
     async with running(worker_config(tmp_path)) as live, WireClient.connect(http, live.url) as client:
         pid = (await _result(client, plan(chain("p"), [filt("p", F.Pid())], input=None))).output
         long = plan(chain("s"), [filt("s", F.Sleeper(60))], input=[1], request_id="long")
@@ -120,7 +125,9 @@ async def test_cancel_plan_answers_within_a_second_and_the_child_is_gone(tmp_pat
         assert isinstance(unknown, Error) and unknown.code == "unknown_plan"
 
 
-async def test_an_endless_fit_times_out_and_the_worker_keeps_answering(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+async def test_an_endless_fit_times_out_and_the_worker_keeps_answering(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
     async with running(worker_config(tmp_path)) as live, WireClient.connect(http, live.url) as client:
         msg = plan(chain("spin"), [filt("spin", F.Spinner(), trainable=True)], input=[1], mode=fit_mode(), timeout_s=2)
         started = time.monotonic()
@@ -137,7 +144,9 @@ async def test_an_endless_fit_times_out_and_the_worker_keeps_answering(tmp_path:
         assert isinstance(await client.request(Ping(id="ping")), Pong)
 
 
-async def test_a_child_over_child_memory_is_killed_and_the_worker_stays_up(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+async def test_a_child_over_child_memory_is_killed_and_the_worker_stays_up(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
     config = worker_config(tmp_path, child_memory=80 << 20)
     async with running(config) as live, WireClient.connect(http, live.url) as client:
         result = await _result(client, plan(chain("hog"), [filt("hog", F.Hog(200))], input=None))
@@ -161,7 +170,8 @@ async def test_a_bad_interpreter_is_child_start_failed_and_the_worker_keeps_serv
 async def test_children_are_replaced_after_max_tasks_and_none_outlives_the_worker(
     tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    async with running(worker_config(tmp_path, child_max_tasks=2)) as live, WireClient.connect(http, live.url) as client:
+    config = worker_config(tmp_path, child_max_tasks=2)
+    async with running(config) as live, WireClient.connect(http, live.url) as client:
         pids = [(await _result(client, plan(chain("p"), [filt("p", F.Pid())], input=None))).output for _ in range(3)]
     assert pids[0] == pids[1] != pids[2]
     assert not any(_alive(pid) for pid in pids)
@@ -194,7 +204,8 @@ async def test_health_stays_fast_while_cpu_bound_plans_run(tmp_path: Path, http:
     async with running(worker_config(tmp_path, max_concurrent=4)) as live, WireClient.connect(http, live.url) as client:
         for n in range(4):
             spin = filt("spin", F.Spinner(), trainable=True)
-            await client.send(plan(chain("spin"), [spin], input=[1], mode=fit_mode(), timeout_s=4, request_id=f"spin-{n}"))
+            msg = plan(chain("spin"), [spin], input=[1], mode=fit_mode(), timeout_s=4, request_id=f"spin-{n}")
+            await client.send(msg)
         await asyncio.sleep(1.0)
         latencies = []
         for _ in range(60):

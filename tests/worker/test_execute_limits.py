@@ -11,7 +11,7 @@ from pathlib import Path
 import _execute_filters as F
 import psutil
 import pytest
-from _execute_support import RecordingConnection, chain, failure, filt, fit_mode, plan, rig, success
+from _execute_support import CAPS, RecordingConnection, chain, failure, filt, fit_mode, plan, rig, success
 
 from soma.isolation.limits import MemoryWatch
 from soma.wire.messages import Error
@@ -146,7 +146,10 @@ async def test_a_missing_interpreter_is_child_start_failed_and_the_worker_keeps_
         error = failure(await r.run(plan(chain("e"), [filt("e", F.Echo())], input=[1]))).error
         assert error.code == "child_start_failed" and "/nonexistent/bin/python3" in error.message
         healthy = PlanExecutor(
-            dataclasses.replace(r.config, python=sys.executable), pool=r.pool, store=r.store, capabilities=r.executor._caps
+            dataclasses.replace(r.config, python=sys.executable),
+            pool=r.pool,
+            store=r.store,
+            capabilities=CAPS,
         )
         try:
             reply = await healthy.run_plan(plan(chain("e"), [filt("e", F.Echo())], input=[2]), RecordingConnection())

@@ -166,7 +166,8 @@ async def test_a_failing_parallel_member_fails_the_plan_naming_the_node(tmp_path
 
 async def test_a_plan_never_sees_the_filter_or_state_of_an_earlier_plan(tmp_path: Path) -> None:
     async with rig(tmp_path) as r:
-        first = plan(chain("scaler"), [filt("scaler", F.TaggedTrainable("A"), trainable=True)], input=[1], mode=fit_mode())
+        scaler_a = filt("scaler", F.TaggedTrainable("A"), trainable=True)
+        first = plan(chain("scaler"), [scaler_a], input=[1], mode=fit_mode())
         assert success(await r.run(first)).states == {"scaler": {"fitted_by": "A"}}
         second = plan(chain("scaler"), [filt("scaler", F.TaggedTrainable("B"), trainable=True)], input=[1])
         assert success(await r.run(second)).output == {"tag": "B", "state": None}
@@ -198,7 +199,8 @@ async def test_referenced_inputs_resolve_and_stay_pinned_while_the_plan_runs(tmp
     async with rig(tmp_path) as r:
         array = np.arange(6, dtype=np.float32).reshape(3, 2)
         key = r.store.put_bytes(v2.encode_value_frame(array), ".soma")
-        msg = plan(chain("wait", "shape"), [filt("wait", F.Sleeper(0.5)), filt("shape", F.Shape())], input=CachedRef(cache_key=key))
+        filters = [filt("wait", F.Sleeper(0.5)), filt("shape", F.Shape())]
+        msg = plan(chain("wait", "shape"), filters, input=CachedRef(cache_key=key))
         task = asyncio.create_task(r.run(msg))
         await asyncio.sleep(0.3)
         pinned_during = r.store.is_pinned(key)

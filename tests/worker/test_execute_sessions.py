@@ -32,7 +32,8 @@ async def test_a_kept_session_serves_state_messages_and_later_plans(tmp_path: Pa
 
         in_session = plan(chain("a"), [adder], input=5, session_id=session_id)
         assert success(await r.run(in_session, conn)).output == 6
-        assert isinstance(await r.executor.set_state(SetState(plan_id=session_id, states={"a": {"add": 10}}), conn), Ack)
+        set_state = SetState(plan_id=session_id, states={"a": {"add": 10}})
+        assert isinstance(await r.executor.set_state(set_state, conn), Ack)
         assert success(await r.run(plan(chain("a"), [adder], input=5, session_id=session_id), conn)).output == 15
 
         other_filters = plan(chain("p"), [pid_filter], input=None, session_id=session_id)
@@ -56,7 +57,8 @@ async def test_state_calls_on_two_sessions_at_once_both_complete(tmp_path: Path)
     async with rig(tmp_path, max_concurrent=2) as r:
         ids = []
         for n in range(2):
-            msg = plan(chain("a"), [filt("a", F.StatefulAdd(), trainable=True)], input=n, mode=fit_mode(), session={"keep": True})
+            adder = filt("a", F.StatefulAdd(), trainable=True)
+            msg = plan(chain("a"), [adder], input=n, mode=fit_mode(), session={"keep": True})
             success(await r.run(msg, conn))
             ids.append(msg.plan.plan_id)
         replies = await asyncio.wait_for(
@@ -68,7 +70,8 @@ async def test_state_calls_on_two_sessions_at_once_both_complete(tmp_path: Path)
 async def test_cancel_or_idle_time_ends_a_session(tmp_path: Path) -> None:
     conn = RecordingConnection()
     async with rig(tmp_path) as r:
-        cancelled = plan(chain("a"), [filt("a", F.StatefulAdd(), trainable=True)], input=1, mode=fit_mode(), session={"keep": True})
+        adder = filt("a", F.StatefulAdd(), trainable=True)
+        cancelled = plan(chain("a"), [adder], input=1, mode=fit_mode(), session={"keep": True})
         success(await r.run(cancelled, conn))
         assert await r.executor.cancel(cancelled.plan.plan_id, conn)
         reply = await r.executor.get_state(GetState(plan_id=cancelled.plan.plan_id, node_ids=["a"]), conn)

@@ -11,7 +11,16 @@ import pytest
 from _execute_support import RecordingConnection, filt, fit_mode, plan, rig, success
 
 from soma.wire import v2
-from soma.wire.messages import Ack, ApplyGradients, Error, GetGradients, GetState, GradientsResult, SetState, StateResult
+from soma.wire.messages import (
+    Ack,
+    ApplyGradients,
+    Error,
+    GetGradients,
+    GetState,
+    GradientsResult,
+    SetState,
+    StateResult,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -67,9 +76,11 @@ async def test_v1_composites_uncached_owner_states_and_strict_state_loading(tmp_
         # v1 composites run as one COMPOSITE_FIT (phase all) / COMPOSITE_FORWARD command (§6.3, §6.4).
         expected = F.TorchRegressor().module(torch.as_tensor(X)).detach().numpy()
         for mode in (fit_mode(y=Y.tolist()), "Forward"):
-            v1_plan = plan(COMPOSITE, [filt("t", F.TorchRegressor(), trainable=True)], dialect="v1", input=X.tolist(), mode=mode)
+            regressor = filt("t", F.TorchRegressor(), trainable=True)
+            v1_plan = plan(COMPOSITE, [regressor], dialect="v1", input=X.tolist(), mode=mode)
             result = success(await r.run(v1_plan))
-            np.testing.assert_allclose(np.asarray(result.output.buffer).view(np.float32).reshape(4, 1), expected, rtol=1e-6)
+            output = np.asarray(result.output.buffer).view(np.float32).reshape(4, 1)  # a TorchData in the worker
+            np.testing.assert_allclose(output, expected, rtol=1e-6)
             assert ("t" in result.states) == (mode != "Forward")
         for keep in (False, True):
             msg = plan(

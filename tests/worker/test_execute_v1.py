@@ -20,6 +20,10 @@ def _b64(obj: Any) -> str:
     return base64.b64encode(cloudpickle.dumps(obj, protocol=5)).decode("ascii")
 
 
+def _tensor(values: list[Any]) -> dict[str, Any]:
+    return {"type": "Tensor", "data": {"values": values, "shape": [len(values)]}}
+
+
 def _golden(plan_id: str, mode: Any, states: dict[str, Any] | None = None, **extra: Any) -> str:
     """The §5.2 golden AssignPlan of a Soma 0.2.43 client's two-node fit, as JSON text."""
     states = states or {}
@@ -28,7 +32,7 @@ def _golden(plan_id: str, mode: Any, states: dict[str, Any] | None = None, **ext
         "plan": {
             "plan_id": plan_id,
             "plan": {"Sequence": [{"Execute": {"node_id": "scaler"}}, {"Execute": {"node_id": "d"}}]},
-            "input": {"source": "Inline", "value": {"type": "Tensor", "data": {"values": [1.0, 2.0, 3.0], "shape": [3]}}},
+            "input": {"source": "Inline", "value": _tensor([1.0, 2.0, 3.0])},
             "filters": [
                 {"node_id": "scaler", "pickled_filter": _b64(F.Scaler()), "state": states.get("scaler"),
                  "requirements": [], "trainable": True},
@@ -60,7 +64,7 @@ async def test_the_golden_fit_returns_the_fitted_state_as_json_and_the_next_forw
         assert isinstance(result.pop("duration_ms"), int)
         assert result == {
             "status": "Success",
-            "output": {"delivery": "Inline", "value": {"type": "Tensor", "data": {"values": [-2.0, 0.0, 2.0], "shape": [3]}}},
+            "output": {"delivery": "Inline", "value": _tensor([-2.0, 0.0, 2.0])},
             "states": {"scaler": {"type": "Json", "data": {"mean": 2.0}}},
         }
         forward = await _run(r, _golden("remote_plan_0a1c", "Forward", states=result["states"]))
@@ -69,7 +73,8 @@ async def test_the_golden_fit_returns_the_fitted_state_as_json_and_the_next_forw
 
 
 async def test_an_empty_plan_succeeds_with_an_empty_value(tmp_path: Path) -> None:
-    text = json.dumps({"type": "AssignPlan", "plan": {"plan_id": "p-empty", "plan": "Empty", "filters": [], "mode": "Forward"}})
+    empty = {"plan_id": "p-empty", "plan": "Empty", "filters": [], "mode": "Forward"}
+    text = json.dumps({"type": "AssignPlan", "plan": empty})
     async with rig(tmp_path) as r:
         reply = await _run(r, text)
     assert reply["result"]["status"] == "Success"
@@ -101,7 +106,7 @@ def _single(plan_id: str, obj: Any, values: list[Any], **plan: Any) -> str:
             "plan": {
                 "plan_id": plan_id,
                 "plan": {"Execute": {"node_id": "n"}},
-                "input": {"source": "Inline", "value": {"type": "Tensor", "data": {"values": values, "shape": [len(values)]}}},
+                "input": {"source": "Inline", "value": _tensor(values)},
                 "filters": [{"node_id": "n", "pickled_filter": _b64(obj), "state": None}],
                 "mode": "Forward",
                 **plan,
@@ -158,7 +163,9 @@ async def test_states_holding_objects_travel_as_pickles_and_come_back_working(tm
                     "plan_id": plan_id,
                     "plan": {"Execute": {"node_id": "o"}},
                     "input": {"source": "Inline", "value": {"type": "Json", "data": [1, 2]}},
-                    "filters": [{"node_id": "o", "pickled_filter": _b64(F.ObjectState()), "state": state, "trainable": True}],
+                    "filters": [
+                        {"node_id": "o", "pickled_filter": _b64(F.ObjectState()), "state": state, "trainable": True}
+                    ],
                     "mode": mode,
                 },
             }

@@ -43,7 +43,9 @@ async def test_outputs_and_returned_states_go_by_reference_from_the_threshold_on
         assert v2.decode_value_frame(r.store.find_cached(states[at].cache_key).read_bytes(), "client") == b"s" * at
 
 
-async def test_inputs_labels_external_outputs_and_states_resolve_the_same_inline_or_by_reference(tmp_path: Path) -> None:
+async def test_inputs_labels_external_outputs_and_states_resolve_the_same_inline_or_by_reference(
+    tmp_path: Path,
+) -> None:
     value = {"rows": list(range(300)), "tag": "ü"}
     async with rig(tmp_path, inline_threshold=THRESHOLD) as r:
         key = r.store.put_bytes(v2.encode_value_frame(value), ".soma")
@@ -82,5 +84,6 @@ async def test_v1_inputs_and_outputs_use_local_references(tmp_path: Path) -> Non
         assert v1.decode_value(json.loads(path.read_text())) == "x" * at
 
         uploaded = r.store.put_bytes(json.dumps(v1.encode_value([1.0, 2.0])).encode(), ".json")
-        msg = plan(chain("d"), [filt("d", F.Describe())], dialect="v1", input=LocalRef(path=str(r.store.path_for(uploaded))))
+        by_path = LocalRef(path=str(r.store.path_for(uploaded)))
+        msg = plan(chain("d"), [filt("d", F.Describe())], dialect="v1", input=by_path)
         assert success(await r.run(msg)).output == repr([1.0, 2.0])

@@ -1,6 +1,6 @@
 """The worker's cache of opaque blobs under client-computed keys (worker spec §6.5).
 
-    get(key) ──▶ memory LRU (--cache-bytes) ──miss──▶ disk tier (--cache-dir) ──hit──▶ promoted to memory
+    get(key) ──▶ memory LRU (--cache-bytes) ──miss──▶ disk tier (--cache-dir) ──hit──▶ into memory
     put(key, blob) ──▶ memory (within budget) and disk
 
 Blobs are the child's pickles of states and outputs (isolation.md §3.4), stored and handed

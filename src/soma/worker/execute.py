@@ -744,20 +744,15 @@ class PlanExecutor:
                 body = json.dumps(encoded, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
                 if len(body) < threshold:
                     return value
-                key = self._store.put_bytes(body, ".json")
-                return LocalRef(path=str(self._store.path_for(key)))
+                return LocalRef(path=str(self._store.path_for(self._store.put_bytes(body, ".json"))))
             if v2.encoded_size(value) < threshold:
                 return value
             frame = v2.encode_value_frame(value)
+            return CachedRef(cache_key=self._store.put_bytes(frame, ".soma"), size=len(frame))
         except WireError as exc:
             raise _Failed(_info(exc.code, exc.message)) from None
         except StoreError as exc:
             raise _Failed(_info(exc.code, f"a large result could not be stored: {exc}")) from None
-        try:
-            key = self._store.put_bytes(frame, ".soma")
-        except StoreError as exc:
-            raise _Failed(_info(exc.code, f"a large result could not be stored: {exc}")) from None
-        return CachedRef(cache_key=key, size=len(frame))
 
     def _outbound_map(self, values: Mapping[str, Any], dialect: str) -> dict[str, Any]:
         """Each value of a state or gradient map by ``_outbound`` (v1 values stay inline)."""
@@ -792,7 +787,10 @@ class PlanExecutor:
 
     def _unknown_session(self, session_id: str) -> Error:
         return make_error(
-            "unknown_session", self._unknown_session_text(session_id), worker_id=self._config.worker_id, plan_id=session_id
+            "unknown_session",
+            self._unknown_session_text(session_id),
+            worker_id=self._config.worker_id,
+            plan_id=session_id,
         )
 
     @contextlib.asynccontextmanager
@@ -885,7 +883,8 @@ class PlanExecutor:
     def _refusal(self, msg: AssignPlan, dialect: str, refusal: _Refusal) -> Reply:
         if dialect == "v1":
             info = _info(refusal.code, refusal.message, node_id=refusal.node_id)
-            return PlanResult(worker_id=self._config.worker_id, plan_id=msg.plan.plan_id, result=PlanFailure(error=info))
+            failed = PlanFailure(error=info)
+            return PlanResult(worker_id=self._config.worker_id, plan_id=msg.plan.plan_id, result=failed)
         details = dict(refusal.details or {})
         if refusal.node_id is not None:
             details.setdefault("node_id", refusal.node_id)
@@ -1414,7 +1413,13 @@ class _PlanRun:
                 self._summaries[node_id] = hit.summary or "<cached>"
                 return no_user_code
         reply = await self._call(
-            "FORWARD", node_id, node_id=node_id, data=x, blob=out_key is not None, **{"return": give_back}, **state_field
+            "FORWARD",
+            node_id,
+            node_id=node_id,
+            data=x,
+            blob=out_key is not None,
+            **{"return": give_back},
+            **state_field,
         )
         await self._keep_output(node_id, reply, out_key)
         return False
@@ -1453,7 +1458,14 @@ class _PlanRun:
             loss = reply.get("loss")
             self._metrics["loss"] = loss
             await self._emit(
-                _event("Training", self.run_id, spec.phase, node_ids=list(node_ids), composite_phase=spec.composite_phase, loss=loss)
+                _event(
+                    "Training",
+                    self.run_id,
+                    spec.phase,
+                    node_ids=list(node_ids),
+                    composite_phase=spec.composite_phase,
+                    loss=loss,
+                )
             )
         duration = time.perf_counter() - started
         for node_id in node_ids:

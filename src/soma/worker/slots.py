@@ -210,7 +210,10 @@ class GpuLeases:
         return len(self._pool.free)
 
     async def acquire(self, count: int) -> GpuLease:
-        """Wait (FIFO) for ``count`` GPUs. Raises ``SomaConfigError`` if more than exist, ``ResourceBusy`` on timeout."""
+        """Wait (FIFO) for ``count`` GPUs.
+
+        Raises ``SomaConfigError`` if more than exist, ``ResourceBusy`` after the queue timeout.
+        """
         if count < 1:
             raise SomaConfigError(f"a GPU lease needs at least one GPU, got {count}")
         devices = await self._pool.take(count)
