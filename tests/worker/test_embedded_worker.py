@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -37,11 +38,26 @@ def _dirs(tmp_path: Path, name: str) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+def shared_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return _dirs(tmp_path_factory.mktemp("embedded"), "shared")
+
+
+@pytest.fixture(scope="module")
+def worker(shared_dirs: dict[str, Path]) -> Iterator[Worker]:
     """One started worker shared by the tests that only read from it."""
-    tmp = tmp_path_factory.mktemp("embedded")
-    with Worker(port=0, tags="x, y", worker_id="emb-1", **_dirs(tmp, "shared")) as running:
+    with Worker(port=0, tags="x, y", worker_id="emb-1", **shared_dirs) as running:
         yield running
+
+
+def _wait_down(url: str, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _health(url)
+        except urllib.error.URLError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 # --------------------------------------------------------------------------- construction
@@ -129,6 +145,7 @@ def test_set_data_store_applies_to_a_running_worker(worker: Worker, tmp_path: Pa
     )
     with pytest.raises(urllib.error.HTTPError) as caught:
         _OPENER.open(url, timeout=5)
+    caught.value.close()
     assert caught.value.code == 403
     worker.set_data_store("local", path=tmp_path)
     with _OPENER.open(url, timeout=5) as response:
@@ -158,10 +175,11 @@ def test_start_raises_bind_failures_as_remote_errors(tmp_path: Path) -> None:
     assert f"cannot bind 127.0.0.1:{port}" in str(caught.value)
 
 
-def test_start_raises_when_another_worker_owns_the_temp_dir(worker: Worker, tmp_path: Path) -> None:
-    shared = worker._config.temp_dir  # the module worker's store directory
+def test_start_raises_when_another_worker_owns_the_temp_dir(
+    worker: Worker, shared_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     with pytest.raises(RemoteError) as caught:
-        Worker(port=0, temp_dir=shared, work_dir=tmp_path / "w").start()
+        Worker(port=0, temp_dir=shared_dirs["temp_dir"], work_dir=tmp_path / "w").start()
     assert isinstance(caught.value.__cause__, StoreLocked)
     assert "in use by another worker" in str(caught.value)
     assert _health(f"http://127.0.0.1:{worker.port}") == 200
@@ -183,10 +201,8 @@ def test_shutdown_message_stops_a_started_worker_without_touching_the_host(tmp_p
             return codec.decode((await ws.receive(timeout=10)).data)
 
     assert isinstance(asyncio.run(shutdown()), Ack)
-    assert worker._done.wait(5.0)  # the serving thread ended by itself
-    worker.stop()
-    with pytest.raises(urllib.error.URLError):
-        _health(url)
+    assert _wait_down(url)  # stopped by the message alone
+    worker.stop(timeout=1.0)  # the thread already ended: returns at once, raises nothing
 
 
 SERVE_SCRIPT = textwrap.dedent(

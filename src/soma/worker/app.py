@@ -81,7 +81,7 @@ class WorkerServer:
         self._executor_factory = executor_factory
         self._detector = detector or (lambda cfg: detect(python=cfg.python))
         self._runner: web.AppRunner | None = None
-        self._stop_requested: asyncio.Event | None = None
+        self._stop_requested = asyncio.Event()
         self._drain_s: float | None = None
         self.state: WorkerState | None = None
         self.serving: Serving | None = None
@@ -95,7 +95,6 @@ class WorkerServer:
         dir owned by another worker; nothing is left running after a failure.
         """
         config = self.config
-        self._stop_requested = asyncio.Event()
         detected = await asyncio.wait_for(asyncio.to_thread(self._detector, config), timeout=30.0)
         caps = effective(detected, cpus=config.cpus, memory=config.memory, gpus=config.gpus, tags=config.tags)
         app = build_app(config, effective=caps, on_shutdown=self.request_stop, executor_factory=self._executor_factory)
@@ -174,7 +173,7 @@ class WorkerServer:
 
         ``drain_s`` (default and cap ``--drain-timeout``) bounds the wait for running requests.
         """
-        if self._stop_requested is None or self._stop_requested.is_set():
+        if self._stop_requested.is_set():
             return
         if drain_s is not None:
             self._drain_s = drain_s
@@ -185,7 +184,6 @@ class WorkerServer:
 
     async def wait(self) -> None:
         """Block until a stop is requested."""
-        assert self._stop_requested is not None, "start() first"
         await self._stop_requested.wait()
 
     async def stop(self) -> None:
@@ -198,8 +196,10 @@ class WorkerServer:
         state.start_draining()
         drain = self.config.drain_timeout if self._drain_s is None else min(self._drain_s, self.config.drain_timeout)
         try:
+            waits = [_drain_requests(state, drain)]
             if state.executor is not None:
-                await state.executor.drain(drain)
+                waits.append(state.executor.drain(drain))
+            await asyncio.gather(*waits)
         finally:
             await _close_connections(state)
             await runner.cleanup()
@@ -221,6 +221,15 @@ class WorkerServer:
         finally:
             _remove_signal_handlers(installed)
             await self.stop()
+
+
+async def _drain_requests(state: WorkerState, drain_s: float) -> None:
+    """Give the requests running on every connection (plans, state messages) up to ``drain_s``."""
+    tasks = [task for connection in state.connections for task in connection.request_tasks()]
+    current = asyncio.current_task()
+    tasks = [task for task in tasks if task is not current]
+    if tasks and drain_s > 0:
+        await asyncio.wait(tasks, timeout=drain_s)
 
 
 async def _close_connections(state: WorkerState) -> None:

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 from soma.errors import SomaConfigError
 from soma.log import worker_logger
-from soma.worker.app import BindError, WorkerServer
 from soma.worker.config import config_from_args
 
 __all__ = ["main"]
@@ -38,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help and --version print and stop here
         return exc.code if isinstance(exc.code, int) else 0
     _configure_logging(config.logging_level)
+    # Imported here so that --help and flag errors answer without loading the server stack.
+    from soma.worker.app import BindError, WorkerServer
+
     try:
         asyncio.run(WorkerServer(config).serve(install_signals=True))
     except BindError as exc:

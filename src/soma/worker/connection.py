@@ -232,6 +232,10 @@ class Connection:
         """Requests of this connection still waiting for their terminal reply."""
         return sum(not pending.replied for pending in self._pending.values())
 
+    def request_tasks(self) -> list[asyncio.Task[None]]:
+        """The tasks of requests still running (the drain waits for them)."""
+        return [p.task for p in self._pending.values() if p.task is not None and not p.task.done()]
+
     # -- sending -----------------------------------------------------------------------------
 
     async def send(self, msg: Reply, re: str | None = None) -> None:
