@@ -349,7 +349,7 @@ class Child:
         self._poller.register(reply_fd, select.POLLIN)
         if self._pidfd is not None:
             self._poller.register(self._pidfd, select.POLLIN)
-        self._limit_note = ""
+        self._limit: tuple[str, str | None, float] = ("", None, math.inf)
         self._spin = _Spin()
         self._ids = itertools.count(1)
         self._call_lock = threading.Lock()
@@ -590,9 +590,8 @@ class Child:
             self.node_id = node_id
             request_id = next(self._ids)
             deadline = None if limit == math.inf else time.monotonic() + limit
-            where = f" on node `{node_id}`" if node_id is not None else ""
             shown = budget if budget is not None and limit == timeout else limit
-            self._limit_note = f"{cmd}{where} ran past its {shown:.3g} s limit"
+            self._limit = (cmd, node_id, shown)
             try:
                 reply = self._exchange(
                     {"id": request_id, "cmd": cmd, **fields},
@@ -633,7 +632,7 @@ class Child:
         except (BrokenPipeError, ConnectionResetError):
             self._fail_dead(cmd)
         except TimeoutError:
-            self.kill("timeout", detail=self._limit_note)
+            self.kill("timeout", detail=self._limit_note())
             self._fail_dead(cmd)
         except (
             pickle.PicklingError,
@@ -661,7 +660,7 @@ class Child:
             except channel.ChannelClosed:
                 self._fail_dead(cmd)
             except TimeoutError:
-                self.kill("timeout", detail=self._limit_note)
+                self.kill("timeout", detail=self._limit_note())
                 self._fail_dead(cmd)
             except channel.FrameError as exc:
                 if not self._wait_exit(_EXIT_WAIT):
@@ -695,6 +694,11 @@ class Child:
                 self._fail_dead(cmd)
             return message
 
+    def _limit_note(self) -> str:
+        cmd, node_id, shown = self._limit
+        where = f" on node `{node_id}`" if node_id is not None else ""
+        return f"{cmd}{where} ran past its {shown:.3g} s limit"
+
     def _wait_reply(self, cmd: str, deadline: float | None) -> None:
         """Block until the reply pipe is readable; fail at once if the child exited.
 
@@ -716,7 +720,7 @@ class Child:
             else:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    self.kill("timeout", detail=self._limit_note)
+                    self.kill("timeout", detail=self._limit_note())
                     self._fail_dead(cmd)
                 timeout_ms = max(1, int(remaining * 1000 + 0.999))
             if (
