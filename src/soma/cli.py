@@ -34,39 +34,58 @@ def format_event(event: dict[str, Any]) -> str:
             f"{kind:<14} {event['duration_s'] * 1000:.1f} ms, {event['nodes_executed']} executed, "
             f"{event['cache_hits']} from cache"
         )
+    if kind == "RemoteDispatched":
+        return f"{kind:<14} {', '.join(event['node_ids'])} -> {event['worker']} ({event['plan_id']})"
     if kind in ("NodeFailed", "RunFailed"):
         return f"{kind:<14} {node}: {event['error']}"
     return f"{kind:<14} {node if node is not None else ''}".rstrip()
 
 
 def run_demo(out: TextIO) -> int:
-    """Fit and apply the demo pipeline, printing its picture, its events and its results."""
+    """Run the demo pipeline on a worker started here, printing its plan, live events, results and ``/info``.
+
+    The worker listens on a free loopback port and is stopped (children included)
+    before returning.
+    """
+    import json
+
     import numpy as np
 
+    from soma.client.transport import close_all
     from soma.demo import build_graph, make_data
+    from soma.lab import Lab
+    from soma.worker.embedded import Worker
 
     x, y = make_data()
-    graph = build_graph(seed=0, max_parallel=2)
-    out.write("Pipeline: Scaler() >> (Ridge(alpha=1.0) | NearestNeighbours(k=3)) >> Average()\n\n")
-    out.write(graph.to_mermaid() + "\n\n")
-    out.write(graph.compile()["plan_text"] + "\n")
-    with graph.on_event(lambda event: out.write("  " + format_event(event) + "\n")):
-        out.write(f"fit on {len(x)} rows:\n")
-        graph.fit(x, y)
-        out.write("forward:\n")
-        prediction = graph.forward(x)
-        out.write("run (every node's output, no learning, no cache):\n")
-        outputs = graph.run(x)
-        out.write("\nResults (root-mean-square error on the training rows):\n")
-        for node_id in ("ridge", "nearest_neighbours", "average"):
-            rmse = float(np.sqrt(np.mean((outputs[node_id] - y) ** 2)))
-            out.write(f"  {node_id:<20} {rmse:.3f}\n")
-        out.write(f"  first predictions    {np.round(prediction[:3], 2).tolist()}\n")
-        out.write(f"  targets              {np.round(y[:3], 2).tolist()}\n\n")
-        out.write("fit again with the same data (states come from the cache):\n")
-        graph.fit(x, y)
-    info = graph.cache_info()["memory"]
-    out.write(f"\ncache: {info['entries']} entries, {info['hits']} hits, {info['misses']} misses\n")
+    out.write("starting a local worker...\n")
+    with Worker(port=0, max_concurrent=2) as worker:
+        out.write(f"worker {worker.worker_id} at {worker.address}: {worker.info()}\n\n")
+        try:
+            graph = build_graph(seed=0)
+            graph.add_worker(worker.address)
+            out.write("Pipeline: Scaler() >> (Ridge(alpha=1.0) | NearestNeighbours(k=3)) >> Average()\n\n")
+            out.write(graph.to_mermaid() + "\n\n")
+            out.write(graph.compile()["plan_text"] + "\n")
+            with graph.on_event(lambda event: out.write("  " + format_event(event) + "\n")):
+                out.write(f"fit on {len(x)} rows (on the worker):\n")
+                graph.fit(x, y)
+                out.write("forward:\n")
+                prediction = graph.forward(x)
+                out.write("run (every node's output, no learning, no cache):\n")
+                outputs = graph.run(x)
+                out.write("\nResults (root-mean-square error on the training rows):\n")
+                for node_id in ("ridge", "nearest_neighbours", "average"):
+                    rmse = float(np.sqrt(np.mean((outputs[node_id] - y) ** 2)))
+                    out.write(f"  {node_id:<20} {rmse:.3f}\n")
+                out.write(f"  first predictions    {np.round(prediction[:3], 2).tolist()}\n")
+                out.write(f"  targets              {np.round(y[:3], 2).tolist()}\n\n")
+                out.write("fit again with the same data (the worker serves the states from its cache):\n")
+                graph.fit(x, y)
+            info = Lab(worker.address.replace("ws://", "http://", 1)).info()
+            out.write(f"\nworker /info:\n{json.dumps(info, indent=2, sort_keys=True)}\n")
+        finally:
+            close_all()
+    out.write("worker stopped\n")
     return 0
 
 
@@ -74,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="soma", description="Soma: filters composed into graphs.")
     parser.add_argument("--version", action="version", version=f"soma {_version()}")
     commands = parser.add_subparsers(dest="command")
-    commands.add_parser("demo", help="run a small fork/join pipeline locally and show its events")
+    commands.add_parser("demo", help="run a small fork/join pipeline on a local worker and show its events")
     return parser
 
 

@@ -2,7 +2,8 @@
 
 ``Scaler() >> (Ridge(alpha=1.0) | NearestNeighbours(k=3)) >> Average()``: a trainable
 head, a fork into two different trainable models and a stateless fan-in join, on a
-small synthetic regression problem. Only numpy is needed.
+small synthetic regression problem. Only numpy is needed: worker children import this
+module by name to unpickle the filters, so the graph machinery is imported lazily.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from soma.filter import Filter
-from soma.graph import Graph
 
 __all__ = ["Average", "NearestNeighbours", "Ridge", "Scaler", "build_graph", "make_data"]
 
@@ -81,8 +81,10 @@ def make_data(rows: int = 40, seed: int = 0) -> tuple[Any, Any]:
     return x, y
 
 
-def build_graph(**graph_kwargs: Any) -> Graph:
-    """The demo pipeline as a Graph."""
+def build_graph(**graph_kwargs: Any) -> Any:
+    """The demo pipeline as a ``soma.Graph``."""
+    from soma.graph import Graph
+
     return Graph.somatize(
         Scaler() >> (Ridge(alpha=1.0) | NearestNeighbours(k=3)) >> Average(), **graph_kwargs
     )

@@ -19,6 +19,7 @@ is the address of a registered worker.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 import time
@@ -51,7 +52,7 @@ from soma.wire.messages import (
     SerializedPlan,
 )
 
-__all__ = ["WorkerRunner", "remote_runner_factory", "shutdown_worker", "shutdown_workers"]
+__all__ = ["WorkerRunner", "measured", "remote_runner_factory", "shutdown_worker", "shutdown_workers"]
 
 _PLAN_ID_CHARS = re.compile(r"[^A-Za-z0-9._:-]")
 _NODE_EVENTS = frozenset({"NodeStarted", "NodeCompleted", "NodeFailed"})
@@ -140,7 +141,7 @@ class WorkerRunner:
                 exc.node_id = open_nodes[0]  # type: ignore[attr-defined]
             raise
         relay.complete_unreported(request.nodes, request.run_id)
-        return result
+        return dataclasses.replace(result, cache_hits=relay.cache_hits)
 
     # -- the plan ---------------------------------------------------------------------------
 
@@ -265,12 +266,26 @@ def _pickle_filter(node_id: str, filter_obj: Any) -> bytes:
 def _carried(client: RemoteClient, value: Any, threshold: int) -> Any:
     """``value`` itself, or a reference to an uploaded copy when its encoded size reaches ``threshold``."""
     try:
-        if v2.encoded_size(value) < threshold:
-            return value
-        parts = v2.encode_value_frame_parts(value)
+        size, parts = measured(value)
     except WireError as exc:
         raise RemoteError(f"a value cannot be sent to a worker: {exc.message}", code=exc.code) from exc
-    return client.upload_frame(parts)
+    return value if size < threshold else client.upload_frame(parts)
+
+
+def measured(value: Any) -> tuple[int, list[bytes | memoryview]]:
+    """The encoded size of ``value`` (``v2.encoded_size``, the §4.5 measure) and its upload frame.
+
+    Packing is done once: without out-of-band buffers the frame is a fixed envelope
+    around the packed value, so the size follows from the frame's length; with buffers
+    (arrays, tensors) measuring apart costs nothing.
+    """
+    parts = v2.encode_value_frame_parts(value)
+    if len(parts) == 1:
+        return len(parts[0]) - _FRAME_OVERHEAD, parts
+    return v2.encoded_size(value), parts
+
+
+_FRAME_OVERHEAD = len(v2.encode_value_frame(None)) - v2.encoded_size(None)
 
 
 def _fetched(client: RemoteClient, value: Any) -> Any:
@@ -314,6 +329,12 @@ class _EventRelay:
         self._emit = emit
         self._open: dict[str, float] = {}
         self._seen: set[str] = set()
+        self._hits: set[str] = set()
+
+    @property
+    def cache_hits(self) -> frozenset[str]:
+        """Nodes the worker reported as completed without running user code."""
+        return frozenset(self._hits)
 
     def __call__(self, frame: Reply) -> None:
         if not isinstance(frame, Event):
@@ -328,6 +349,8 @@ class _EventRelay:
                 self._seen.add(node_id)
             else:
                 self._open.pop(node_id, None)
+                if kind == "NodeCompleted" and event.get("cache_hit") is True:
+                    self._hits.add(node_id)
         self._emit(event)
 
     def fail_open(self, error: str, error_type: str, run_id: str) -> list[str]:

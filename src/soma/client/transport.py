@@ -95,6 +95,7 @@ __all__ = [
 
 SUBPROTOCOL = "soma.v2"
 V2_CONTENT_TYPE = "application/vnd.soma.v2"
+_LARGE_BODY = 1 << 20
 
 T = TypeVar("T")
 Body = bytes | Sequence[bytes | memoryview]
@@ -186,7 +187,7 @@ class HttpResponse:
 
     status: int
     content_type: str
-    body: bytes
+    body: bytes | bytearray
 
 
 class Transport(Protocol):
@@ -335,8 +336,7 @@ class AiohttpTransport:
             async with self._client_session().request(
                 method, url, data=data, headers=all_headers, timeout=limits, allow_redirects=False
             ) as response:
-                data = await response.read()
-                return HttpResponse(response.status, response.content_type, data)
+                return HttpResponse(response.status, response.content_type, await _read_body(response))
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise RemoteTimeoutError(
                 f"{method} {_redact(url)}: no data from the worker for {timeout.silence:g} s",
@@ -350,6 +350,27 @@ class AiohttpTransport:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+async def _read_body(response: Any) -> bytes | bytearray:
+    """The body; a large one is read straight into one writable buffer (arrays decode without a copy)."""
+    length = response.content_length
+    if length is None or length < _LARGE_BODY:
+        return bytes(await response.read())
+    body = bytearray(length)
+    view = memoryview(body)
+    position = 0
+    async for chunk in response.content.iter_any():
+        end = position + len(chunk)
+        if end > length:
+            raise ProtocolError(f"{response.url} sent more than its Content-Length of {length} bytes")
+        view[position:end] = chunk
+        position = end
+    if position != length:
+        raise RemoteError(
+            f"{response.url} ended after {position} of {length} bytes", code="worker_lost", retryable=True
+        )
+    return body
 
 
 async def _stream(parts: Sequence[bytes | memoryview]) -> AsyncIterator[bytes | memoryview]:

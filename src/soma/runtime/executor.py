@@ -365,11 +365,16 @@ class BlockRequest:
 
 @dataclass(frozen=True)
 class BlockResult:
-    """What a block sends back: the outputs needed outside it and, in fit, the new states."""
+    """What a block sends back: the outputs needed outside it and, in fit, the new states.
+
+    ``cache_hits`` names the block's nodes for which no user method ran (served from
+    the worker's cache), so ``RunCompleted`` counts them as cache hits.
+    """
 
     outputs: Mapping[str, Any]
     states: Mapping[str, Any] = field(default_factory=dict)
     state_keys: Mapping[str, str | None] = field(default_factory=dict)
+    cache_hits: frozenset[str] = frozenset()
 
 
 class RemoteRunner(Protocol):
@@ -998,7 +1003,7 @@ class Run:
                     nid, state, result.state_keys.get(nid, keys.get(nid, (None, None))[0])
                 )
         for nid in order:
-            self._hits.setdefault(nid, False)
+            self._hits.setdefault(nid, nid in result.cache_hits)
 
     # -- streamed forward -----------------------------------------------------------
 

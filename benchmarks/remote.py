@@ -1,0 +1,144 @@
+"""Time remote execution against a ``soma-worker`` process on loopback; print one JSON line.
+
+The worker runs with a token and ``--max-concurrent 2``. Figures (seconds unless ``_ms``):
+
+- ``worker_startup_s``: from starting the ``soma-worker`` process to its first ``/health`` ``ok``.
+- ``remote_small_ms``: fit then forward of a 3-float list through one trainable filter, a fresh
+  ``Graph`` each time (the connection is shared), median of 20.
+- ``remote_list_1p4M_s``: forward of a 1.4M-float list through a fitted filter, median of 3.
+- ``remote_array_100MB_s``: forward of a 100 MB float64 array through a fitted filter, median of 3.
+- ``remote_concurrent_s``: 4 concurrent forwards of a filter sleeping 0.5 s (two slots: >= 1.0 s).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from soma import Filter, Graph
+from soma.client.transport import close_all
+
+TOKEN = "benchmark-token-0123456789abcdef"
+
+
+class Centre(Filter):
+    """Trainable: subtracts the mean learnt in ``fit``; keeps lists as lists."""
+
+    def fit(self, x: Any, y: Any = None) -> Any:
+        return {"mean": float(np.mean(x))}
+
+    def forward(self, x: Any, state: Any) -> Any:
+        if isinstance(x, list):
+            mean = state["mean"]
+            return [v - mean for v in x]
+        return x - state["mean"]
+
+
+class Sleep(Filter):
+    _kind = "stateless"
+
+    def forward(self, x: Any, state: Any) -> Any:
+        time.sleep(0.5)
+        return x
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_worker(port: int) -> tuple[subprocess.Popen[bytes], float]:
+    """Start ``soma-worker`` and return it with the seconds until ``/health`` answered ``ok``."""
+    command = [sys.executable, "-c", "import sys; from soma.worker.cli import main; sys.exit(main())"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [*command, "--port", str(port), "--token", TOKEN, "--max-concurrent", "2", "--log-level", "warning"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+                if response.read() == b"ok":
+                    return proc, time.perf_counter() - start
+        except OSError:
+            if proc.poll() is not None or time.perf_counter() - start > 60:
+                proc.kill()
+                raise SystemExit("soma-worker did not start") from None
+            time.sleep(0.005)
+
+
+def graph_on(address: str, *filters: Any) -> Graph:
+    graph = Graph.somatize(filters[0] if len(filters) == 1 else list(filters))
+    graph.add_worker(address, token=TOKEN)
+    return graph
+
+
+def median_of(repeats: int, fn: Callable[[], Any]) -> float:
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        timings.append(time.perf_counter() - start)
+    return statistics.median(timings)
+
+
+def small(address: str) -> None:
+    graph = graph_on(address, Centre())
+    graph.fit([1.0, 2.0, 3.0])
+    graph.forward([1.0, 2.0, 3.0])
+
+
+def concurrent(address: str) -> float:
+    graphs = [graph_on(address, Sleep()) for _ in range(4)]
+    for graph in graphs:
+        graph.fit(0)
+    threads = [threading.Thread(target=graph.forward, args=(i,)) for i, graph in enumerate(graphs)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    port = free_port()
+    proc, startup = start_worker(port)
+    address = f"ws://127.0.0.1:{port}"
+    try:
+        small(address)  # connection, children and code paths warm
+        result: dict[str, float] = {"worker_startup_s": round(startup, 3)}
+        result["remote_small_ms"] = round(median_of(20, lambda: small(address)) * 1000, 2)
+
+        floats = np.random.default_rng(0).standard_normal(1_400_000).tolist()
+        graph = graph_on(address, Centre())
+        graph.fit(floats[:10])
+        result["remote_list_1p4M_s"] = round(median_of(3, lambda: graph.forward(floats)), 3)
+
+        array = np.random.default_rng(1).standard_normal(100 * 2**20 // 8)
+        graph = graph_on(address, Centre())
+        graph.fit(array[:10])
+        result["remote_array_100MB_s"] = round(median_of(3, lambda: graph.forward(array)), 3)
+
+        result["remote_concurrent_s"] = round(concurrent(address), 3)
+        print(json.dumps(result))
+    finally:
+        close_all()
+        proc.terminate()
+        proc.wait(30)
+
+
+if __name__ == "__main__":
+    main()
