@@ -35,6 +35,7 @@ from soma.wire.messages import (
 from soma.worker.config import WorkerConfig
 from soma.worker.detect import Effective, GpuDevice
 from soma.worker.execute import PlanExecutor
+from soma.worker.metrics import WorkerMetrics
 from soma.worker.store import Store
 
 cloudpickle.register_pickle_by_value(_execute_filters)
@@ -172,6 +173,7 @@ async def rig(
     cpu_cores: int = 2,
     gpu_devices: tuple[GpuDevice, ...] = (),
     memory_watch: MemoryWatch | None = None,
+    metrics: WorkerMetrics | None = None,
     pool_options: Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Rig]:
@@ -185,10 +187,10 @@ async def rig(
     }
     options.update(overrides)
     config = WorkerConfig(**options)
-    store = Store(config.temp_dir, ttl=3600).open()
+    store = Store(config.temp_dir, ttl=3600, data_store=config.data_store).open()
     pool = Pool(max_idle=config.max_concurrent, idle_ttl=60, memory_watch=memory_watch, **(pool_options or {}))
     caps = dataclasses.replace(CAPS, cpu_cores=cpu_cores, gpus=gpu_devices)
-    executor = PlanExecutor(config, pool=pool, store=store, capabilities=caps)
+    executor = PlanExecutor(config, pool=pool, store=store, metrics=metrics, capabilities=caps)
     try:
         yield Rig(executor, pool, store, config)
     finally:

@@ -15,6 +15,7 @@ from _execute_support import RecordingConnection, chain, filt, fit_mode, plan, r
 from soma.runtime.cache import Cache, DiskTier
 from soma.wire import v2
 from soma.wire.messages import PlanResult, PlanSuccess, Reply
+from soma.worker.metrics import WorkerMetrics
 
 K1, K2, K3, K4 = ("1" * 64, "2" * 64, "3" * 64, "4" * 64)
 
@@ -158,3 +159,13 @@ async def test_an_unusable_cache_dir_logs_a_warning_and_plans_still_succeed(
             assert success(await r.run(plan(chain("n"), [filt("n", F.Doubler(), out_key=K2)], input=[1]))).output == [2]
     assert "not written to disk" in caplog.text
 
+
+
+async def test_cache_lookups_and_plan_durations_reach_the_metrics(tmp_path: Path) -> None:
+    metrics = WorkerMetrics(slots_total=4)
+    async with rig(tmp_path, metrics=metrics) as r:
+        for _ in range(2):
+            await r.run(plan(chain("n"), [filt("n", F.Doubler(), out_key=K1)], input=[1]))
+    sample = metrics.registry.get_sample_value
+    assert sample("soma_worker_cache_misses_total") == 1 and sample("soma_worker_cache_hits_total") == 1
+    assert sample("soma_worker_plan_seconds_count") == 2

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import _execute_filters as F
-from _execute_support import chain, filt, fit_mode, plan, rig, success
+import numpy as np
+from _execute_support import chain, failure, filt, fit_mode, plan, rig, success
 
 from soma.wire import v1, v2
 from soma.wire.messages import CachedRef, LocalRef
@@ -87,3 +89,28 @@ async def test_v1_inputs_and_outputs_use_local_references(tmp_path: Path) -> Non
         by_path = LocalRef(path=str(r.store.path_for(uploaded)))
         msg = plan(chain("d"), [filt("d", F.Describe())], dialect="v1", input=by_path)
         assert success(await r.run(msg)).output == repr([1.0, 2.0])
+
+
+async def test_non_finite_floats_round_trip_exactly_over_v2(tmp_path: Path) -> None:
+    values = [math.nan, math.inf, -math.inf, -0.0]
+    array = np.array(values, dtype=np.float64)
+    async with rig(tmp_path) as r:
+        result = success(await r.run(plan(chain("e"), [filt("e", F.Echo())], input={"list": values, "array": array})))
+    out = result.output
+    assert math.isnan(out["list"][0]) and out["list"][1:3] == [math.inf, -math.inf]
+    assert math.copysign(1.0, out["list"][3]) == -1.0
+    np.testing.assert_array_equal(out["array"], array)
+    assert np.signbit(out["array"][3])
+
+
+async def test_data_store_arrays_resolve_by_key_and_misses_name_every_place_searched(tmp_path: Path) -> None:
+    data_store = tmp_path / "data"
+    data_store.mkdir()
+    key = "ab" * 32
+    np.save(data_store / f"{key}.npy", np.arange(4, dtype=np.int32).reshape(2, 2))
+    async with rig(tmp_path, data_store=data_store) as r:
+        shape = success(await r.run(plan(chain("s"), [filt("s", F.Shape())], input=CachedRef(cache_key=key))))
+        assert shape.output == {"type": "ndarray", "shape": [2, 2], "dtype": "int32", "sum": 6.0}
+        missing = failure(await r.run(plan(chain("s"), [filt("s", F.Shape())], input=CachedRef(cache_key="cd" * 32))))
+    assert missing.error.code == "unresolved_reference"
+    assert str(r.store.store_dir) in missing.error.message and str(data_store.resolve()) in missing.error.message

@@ -1311,6 +1311,9 @@ class _PlanRun:
             },
             metrics=self._metrics,
         )
+        worker_logger.info(
+            "plan %s: %d node(s) %s in %d ms", self.plan_id, len(self.spec.order), self.spec.phase, success.duration_ms
+        )
         return PlanResult(worker_id=self._config.worker_id, plan_id=self.plan_id, result=success)
 
     def _input_of(self, node_id: str) -> Any:
