@@ -154,6 +154,7 @@ def test_endless_loop_times_out_and_the_whole_group_is_killed(pool: Pool) -> Non
         pgid = child.pid
     assert 2 <= elapsed < 4
     assert info.value.code == "timeout"
+    assert info.value.details["rss"] > 1 << 20, "RSS at the kill is reported"
     assert "FIT on node `n` ran past its 2 s limit" in info.value.message
     assert_group_gone(pgid)
     error = failure_to_error(info.value, where="subprocess", phase="fit")

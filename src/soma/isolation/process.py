@@ -520,10 +520,12 @@ class Child:
 
         ``reason`` becomes the code of the failure raised by a call in flight (a parent
         code such as ``cancelled``, ``timeout`` or ``memory_limit``); the first reason
-        given wins. ``detail`` and ``rss`` are reported with it.
+        given wins. ``detail`` and ``rss`` (read now when not given) are reported with it.
         """
         with self._state_lock:
             if self._kill_reason is None:
+                if rss is None and not self._reaped:
+                    rss = read_rss(self._pid)
                 self._kill_reason = (reason, detail, rss)
             if not self._reaped:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
