@@ -427,3 +427,26 @@ async def test_requests_are_counted_by_type_and_outcome(tmp_path: Path, http: ai
             text = await response.text()
     assert 'soma_worker_requests_total{outcome="ok",type="Ping"} 2.0' in text
     assert 'soma_worker_requests_total{outcome="ok",type="Hello"} 1.0' in text
+
+
+async def test_uploads_get_507_when_the_disk_is_nearly_full(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    async with running(worker_config(tmp_path)) as server:
+        assert server.state.store is not None
+        server.state.store.min_free_fraction = 1.01  # no disk is ever that free
+        async with http.post(f"{server.url}/upload", data=json.dumps({"type": "Json", "data": 1})) as response:
+            assert response.status == 507
+            assert (await response.json())["error"] == "disk_low"
+    assert list((tmp_path / "temp" / "store").iterdir()) == []
+
+
+async def test_an_unusable_work_dir_fails_startup_and_releases_the_store(tmp_path: Path) -> None:
+    from soma.errors import SomaConfigError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    config = worker_config(tmp_path, work_dir=blocker / "work")
+    with pytest.raises(SomaConfigError, match="cannot create the work dir"):
+        async with running(config):
+            pass
+    async with running(worker_config(tmp_path)) as server:  # the temp-dir lock was released
+        assert server.state.store is not None

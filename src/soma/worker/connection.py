@@ -100,6 +100,9 @@ _DRAIN_REPLIES_S = 5.0
 _FLUSH_S = 5.0
 """How long a closing connection waits for queued frames to leave."""
 
+_DECODE_IN_THREAD_BYTES = 1 << 20
+"""Frames this large are decoded off the event loop (v1 JSON of big values takes a while)."""
+
 # Replies that carry user values: encoding them can be heavy (v1 JSON), so it runs in a thread.
 _VALUE_REPLIES = frozenset({"PlanResult", "StateResult", "GradientsResult", "ChunkResult", "StreamComplete"})
 _UNSUPPORTED = {
@@ -325,7 +328,11 @@ class Connection:
 
     async def _receive(self, data: str | bytes) -> None:
         try:
-            message = self.codec.decode(data)
+            if len(data) >= _DECODE_IN_THREAD_BYTES:
+                # The reader awaits each decode, so the codec's state is never touched concurrently.
+                message = await asyncio.to_thread(self.codec.decode, data)
+            else:
+                message = self.codec.decode(data)
         except WireError as exc:
             await self._refuse(exc, data)
             return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import threading
 import time
@@ -58,7 +59,7 @@ class Worker:
         temp_dir: str | os.PathLike[str] | None = None,
         data_store: str | os.PathLike[str] | None = None,
         timeout: float = 3600.0,
-        log_level: str = "info",
+        log_level: str | None = None,
     ) -> None:
         self._config = embedded_config(
             port,
@@ -78,8 +79,10 @@ class Worker:
             temp_dir=temp_dir,
             data_store=data_store,
             timeout=timeout,
-            log_level=log_level,
+            log_level=log_level or "info",
         )
+        # Only an explicit level touches the "soma" logger; by default the host's logging rules.
+        self._log_level = log_level
         self._lock = threading.Lock()
         self._server: WorkerServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -238,6 +241,8 @@ class Worker:
     # -- internals ---------------------------------------------------------------------------
 
     def _begin(self) -> None:
+        if self._log_level is not None:
+            logging.getLogger("soma").setLevel(self._config.logging_level)
         with self._lock:
             if not self._done.is_set():
                 raise SomaError(f"{self!r} is already serving; stop() it first")

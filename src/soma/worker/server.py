@@ -33,6 +33,7 @@ import msgpack
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from soma.errors import SomaConfigError
 from soma.isolation.limits import MemoryWatch
 from soma.isolation.markers import Opaque
 from soma.isolation.pool import Pool
@@ -673,9 +674,13 @@ async def _sweep_forever(store: Store, period: float) -> None:
 
 
 async def _pool_lifetime(app: web.Application) -> AsyncIterator[None]:
-    """The memory watch (§3.3) and the child pool; on exit every child is killed."""
+    """The work dir, the memory watch (§3.3) and the child pool; on exit every child is killed."""
     state = app[STATE]
     config = state.config
+    try:
+        await asyncio.to_thread(config.work_dir.mkdir, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SomaConfigError(f"cannot create the work dir {config.work_dir}: {exc.strerror or exc}") from exc
     watch = MemoryWatch(total_limit=state.memory_limit(), child_limit=config.child_memory)
     watch.start()
     pool = Pool(

@@ -1,0 +1,104 @@
+"""The server around running plans: metrics, shutdown drain, disconnects (checklist items 7, 31; §6.6, §6.12)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import _execute_filters as F
+import aiohttp
+import psutil
+import pytest
+from _execute_support import chain, filt, plan
+from _server_support import WireClient, running, worker_config
+
+from soma.wire.messages import Ack, Error, Event, Ping, PlanResult, PlanSuccess, Pong, Shutdown
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def _metric(http: aiohttp.ClientSession, url: str, name: str) -> float:
+    async with http.get(f"{url}/metrics") as response:
+        for line in (await response.text()).splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[-1])
+    raise AssertionError(f"{name} not exposed")
+
+
+def _alive(pid: int) -> bool:
+    return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+
+
+async def test_slots_busy_follows_a_running_plan(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    async with running(worker_config(tmp_path, max_concurrent=2)) as live:
+        async with WireClient.connect(http, live.url) as client:
+            await client.send(plan(chain("s"), [filt("s", F.Sleeper(1.5))], input=[1], request_id="sleep"))
+            busy = 0.0
+            for _ in range(50):
+                busy = await _metric(http, live.url, "soma_worker_slots_busy")
+                if busy == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert busy == 1
+            reply = await client.request(Ping(id="meanwhile"))
+            assert isinstance(reply, Pong)
+            while not isinstance(reply := await client.receive(30), PlanResult):
+                pass
+            assert isinstance(reply.result, PlanSuccess)
+        assert await _metric(http, live.url, "soma_worker_slots_busy") == 0
+        assert await _metric(http, live.url, "soma_worker_plan_seconds_count") == 1
+        async with http.get(f"{live.url}/metrics") as response:
+            assert 'soma_worker_requests_total{outcome="ok",type="AssignPlan"} 1.0' in await response.text()
+
+
+async def test_shutdown_acks_first_lets_a_running_plan_finish_then_stops(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    async with running(worker_config(tmp_path)) as live:
+        async with WireClient.connect(http, live.url) as client:
+            await client.send(plan(chain("s"), [filt("s", F.Sleeper(2.0))], input=[7], request_id="work"))
+            await asyncio.sleep(0.5)
+            sent = time.monotonic()
+            await client.send(Shutdown(id="bye", drain_s=20))
+            frames = []
+            while True:
+                frame = await client.receive_raw(30)
+                if frame.type is not aiohttp.WSMsgType.BINARY:
+                    break
+                reply = client.codec.decode(frame.data)
+                if not isinstance(reply, Event):
+                    frames.append((reply, time.monotonic() - sent))
+                if len(frames) == 1:
+                    late = await client.request(plan(chain("e"), [filt("e", F.Echo())], input=[1], request_id="late"))
+                    frames.append((late, time.monotonic() - sent))
+            assert frame.type is aiohttp.WSMsgType.CLOSE and frame.data == aiohttp.WSCloseCode.GOING_AWAY
+        ack, late, result = (reply for reply, _ in frames)
+        assert isinstance(ack, Ack) and ack.re == "bye" and frames[0][1] < 1.0
+        assert isinstance(late, Error) and late.code == "shutting_down" and late.re == "late"
+        assert isinstance(result, PlanResult) and result.re == "work"
+        assert isinstance(result.result, PlanSuccess) and result.result.output == [7]
+        await asyncio.wait_for(live.task, 10)
+
+
+async def test_closing_a_connection_cancels_its_running_plan(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    async with running(worker_config(tmp_path)) as live:
+        async with WireClient.connect(http, live.url) as client:
+            pid_reply = await client.request(plan(chain("p"), [filt("p", F.Pid())], input=None, request_id="pid"))
+            assert isinstance(pid_reply, PlanResult) and isinstance(pid_reply.result, PlanSuccess)
+            pid = pid_reply.result.output
+            await client.send(plan(chain("s"), [filt("s", F.Sleeper(60))], input=[1], request_id="long"))
+            await asyncio.sleep(0.5)
+        for _ in range(100):
+            if not _alive(pid):
+                break
+            await asyncio.sleep(0.05)
+        assert not _alive(pid)
+        async with WireClient.connect(http, live.url) as client:
+            assert isinstance(await client.request(Ping(id="still")), Pong)
+        assert await _metric(http, live.url, "soma_worker_slots_busy") == 0
