@@ -17,6 +17,8 @@ import pytest
 from _execute_support import chain, filt, fit_mode, plan
 from _server_support import WireClient, running, worker_config
 
+from soma.client.transport import close_all
+from soma.graph import Graph
 from soma.wire.messages import (
     Ack,
     AssignPlan,
@@ -221,3 +223,40 @@ async def test_health_stays_fast_while_cpu_bound_plans_run(tmp_path: Path, http:
                 results.append(reply.result)
         assert all(isinstance(r, PlanFailure) and r.error.code == "timeout" for r in results)
     assert statistics.quantiles(latencies, n=100)[98] < 0.05
+
+
+async def test_a_cache_dir_shared_by_a_local_graph_and_the_worker_is_hit_from_both_sides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SOMA_CACHE_DIR", raising=False)
+    shared = tmp_path / "shared-cache"
+
+    def graph(**options: Any) -> Graph:
+        g = Graph(**options)
+        g.node("s", F.Scaler())
+        return g
+
+    def hits(g: Graph, x: list[float]) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        g.on_event(events.append)
+        g.fit(x)
+        return [e for e in events if e["event_type"] == "NodeCacheHit"]
+
+    async with running(worker_config(tmp_path, cache_dir=shared)) as live:
+        try:
+            local = graph(cache_dir=shared)
+            assert await asyncio.to_thread(hits, local, [1.0, 2.0, 3.0]) == []
+            remote = graph()  # a private memory cache: only the worker's disk tier can hit
+            remote.add_worker(live.url)
+            remote_hits = await asyncio.to_thread(hits, remote, [1.0, 2.0, 3.0])
+            assert [(e["what"], e["tier"]) for e in remote_hits] == [("state", "disk"), ("output", "disk")]
+            assert all("worker" in e for e in remote_hits)
+            assert remote.get_state("s") == local.get_state("s") == {"mean": 2.0}
+
+            fresh_remote = graph()
+            fresh_remote.add_worker(live.url)
+            assert await asyncio.to_thread(hits, fresh_remote, [4.0, 8.0]) == []  # the worker writes the entries
+            local_hits = await asyncio.to_thread(hits, graph(cache_dir=shared), [4.0, 8.0])
+            assert [(e["what"], e["tier"]) for e in local_hits] == [("state", "disk"), ("output", "disk")]
+        finally:
+            await asyncio.to_thread(close_all)
