@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import json
@@ -93,7 +92,6 @@ _CANCEL_GRACE_S = 0.5
 """How long a cancelled plan may take to report its own ``cancelled`` failure before one is sent for it."""
 
 _CLOSE_WAIT_S = 5.0
-_STATE_CALL_S = 60.0
 _FIT = "fit"
 _FORWARD = "forward"
 
@@ -856,8 +854,8 @@ class PlanExecutor:
             session.gpu_lease.release()
 
     async def _session_call(self, session: _Session, cmd: str, **fields: Any) -> dict[str, Any]:
-        timeout = min(self._config.timeout, _STATE_CALL_S)
-        return await self._blocking(session.child.call, cmd, timeout=timeout, **fields)
+        # Child.call caps state and gradient commands at 60 s (isolation.md §6).
+        return await self._blocking(session.child.call, cmd, timeout=self._config.timeout, **fields)
 
     def _message_error(self, session_id: str, failure: ChildFailure, node_id: str) -> Error:
         return make_error(
