@@ -42,7 +42,7 @@ def format_event(event: dict[str, Any]) -> str:
 
 
 def run_demo(out: TextIO) -> int:
-    """Run the demo pipeline on a worker started here, printing its plan, live events, results and ``/info``.
+    """Run the demo pipeline in process, then on a worker started here; print plans, live events, results, ``/info``.
 
     The worker listens on a free loopback port and is stopped (children included)
     before returning.
@@ -56,18 +56,27 @@ def run_demo(out: TextIO) -> int:
     from soma.lab import Lab
     from soma.worker.embedded import Worker
 
+    def watch(graph: Any) -> Any:
+        return graph.on_event(lambda event: out.write("  " + format_event(event) + "\n"))
+
     x, y = make_data()
-    out.write("starting a local worker...\n")
+    out.write("Pipeline: Scaler() >> (Ridge(alpha=1.0) | NearestNeighbours(k=3)) >> Average()\n\n")
+    here = build_graph(seed=0)
+    out.write(here.to_mermaid() + "\n\n")
+    with watch(here):
+        out.write(f"fit on {len(x)} rows in this process, for reference:\n")
+        here.fit(x, y)
+    expected = here.forward(x)
+
+    out.write("\nstarting a local worker...\n")
     with Worker(port=0, max_concurrent=2) as worker:
         out.write(f"worker {worker.worker_id} at {worker.address}: {worker.info()}\n\n")
         try:
             graph = build_graph(seed=0)
             graph.add_worker(worker.address)
-            out.write("Pipeline: Scaler() >> (Ridge(alpha=1.0) | NearestNeighbours(k=3)) >> Average()\n\n")
-            out.write(graph.to_mermaid() + "\n\n")
             out.write(graph.compile()["plan_text"] + "\n")
-            with graph.on_event(lambda event: out.write("  " + format_event(event) + "\n")):
-                out.write(f"fit on {len(x)} rows (on the worker):\n")
+            with watch(graph):
+                out.write(f"fit on {len(x)} rows on the worker:\n")
                 graph.fit(x, y)
                 out.write("forward:\n")
                 prediction = graph.forward(x)
@@ -78,7 +87,8 @@ def run_demo(out: TextIO) -> int:
                     rmse = float(np.sqrt(np.mean((outputs[node_id] - y) ** 2)))
                     out.write(f"  {node_id:<20} {rmse:.3f}\n")
                 out.write(f"  first predictions    {np.round(prediction[:3], 2).tolist()}\n")
-                out.write(f"  targets              {np.round(y[:3], 2).tolist()}\n\n")
+                out.write(f"  targets              {np.round(y[:3], 2).tolist()}\n")
+                out.write(f"  same as in process   {bool(np.array_equal(prediction, expected))}\n\n")
                 out.write("fit again with the same data (the worker serves the states from its cache):\n")
                 graph.fit(x, y)
             info = Lab(worker.address.replace("ws://", "http://", 1)).info()

@@ -85,6 +85,4 @@ def build_graph(**graph_kwargs: Any) -> Any:
     """The demo pipeline as a ``soma.Graph``."""
     from soma.graph import Graph
 
-    return Graph.somatize(
-        Scaler() >> (Ridge(alpha=1.0) | NearestNeighbours(k=3)) >> Average(), **graph_kwargs
-    )
+    return Graph.somatize(Scaler() >> (Ridge(alpha=1.0) | NearestNeighbours(k=3)) >> Average(), **graph_kwargs)

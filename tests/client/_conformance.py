@@ -62,17 +62,35 @@ CASES = [
     Case("tuples_out", lambda: cf.Tupled() >> cf.NoneState(), lambda: [1, 2, 3]),
     Case("none_state_and_none_input", lambda: Chain([cf.NoneState()]), lambda: None),
     Case("dtypes_and_numpy_scalars", lambda: cf.Dtypes(), lambda: [0, 1, 2, 3]),
-    Case("nan_inf_and_negative_zero", lambda: cf.Center() >> cf.Specials(), lambda: np.array([[1.0, np.nan], [3.0, 2.0], [0.5, -0.0]])),
+    Case(
+        "nan_inf_and_negative_zero",
+        lambda: cf.Center() >> cf.Specials(),
+        lambda: np.array([[1.0, np.nan], [3.0, 2.0], [0.5, -0.0]]),
+    ),
     Case("batch_size_partial_fit_ndarray", lambda: cf.Center() >> cf.RunningMean(), _rows, lambda: np.ones(8), 3),
-    Case("batch_size_list_and_plain_fit", lambda: cf.RunningMean() >> cf.Scale(), lambda: [1.0, 2.0, 4.0, 8.0, 16.0], batch_size=2),
-    Case("labels_least_squares", lambda: cf.AddOne() >> cf.LeastSquares(), _rows, lambda: _rows() @ np.array([1.0, -2.0, 0.5])),
+    Case(
+        "batch_size_list_and_plain_fit",
+        lambda: cf.RunningMean() >> cf.Scale(),
+        lambda: [1.0, 2.0, 4.0, 8.0, 16.0],
+        batch_size=2,
+    ),
+    Case(
+        "labels_least_squares",
+        lambda: cf.AddOne() >> cf.LeastSquares(),
+        _rows,
+        lambda: _rows() @ np.array([1.0, -2.0, 0.5]),
+    ),
     Case("composite_differentiable_run", lambda: cf.Center() >> cf.Smooth() >> cf.Smooth() >> cf.AddOne(), _rows),
     Case("seeded_draws", lambda: cf.SeedDraws() >> cf.NoneState(), lambda: [1, 2], seed=1234),
     Case("user_objects_as_state_and_output", lambda: cf.Summarise() >> cf.NoneState(), lambda: np.arange(4.0)),
     Case("big_ints_bytes_sets_strings", lambda: cf.Misc() >> cf.NoneState(), lambda: "text"),
     Case("identical_siblings", lambda: cf.AddOne() >> (cf.Center() | cf.Center()) >> cf.Join(), _rows),
     Case("uncacheable_node", lambda: cf.Uncached() >> cf.Double(), lambda: [1.0, 2.0, 3.0]),
-    Case("deep_chain", lambda: cf.Double() >> cf.AddOne() >> cf.Double() >> cf.Center() >> cf.AddOne() >> cf.Scale(), _rows),
+    Case(
+        "deep_chain",
+        lambda: cf.Double() >> cf.AddOne() >> cf.Double() >> cf.Center() >> cf.AddOne() >> cf.Scale(),
+        _rows,
+    ),
     Case("pandas_dataframe", lambda: cf.Frame() >> cf.NoneState(), lambda: [1, 2, 3], needs="pandas"),
     Case(
         "torch_module_and_tensors",
@@ -83,8 +101,10 @@ CASES = [
         known_defects=(
             (
                 "split",
-                "worker: a torch tensor sent to a plan (here an external output) decodes to TorchData with a "
-                "memoryview buffer, which the child channel cannot pickle ('cannot pickle memoryview objects')",
+                (
+                    "worker: a torch tensor sent to a plan (here an external output) decodes to TorchData with a "
+                    "memoryview buffer, which the child channel cannot pickle ('cannot pickle memoryview objects')"
+                ),
             ),
         ),
     ),
@@ -112,7 +132,8 @@ def build(case: Case, *, split: bool = False) -> Graph:
 
     def add(filter_obj: Any) -> str:
         # Ids follow creation order, so the k-th node of the twin has the k-th id.
-        return twin.node(filter_obj, target="local" if ids[len(twin)] in local else None)
+        node_id: str = twin.node(filter_obj, target="local" if ids[len(twin)] in local else None)
+        return node_id
 
     walk(case.topology(), [], add, twin.connect)
     return twin
@@ -143,9 +164,7 @@ def observe(case: Case, mode: str, worker: Any = None, token: str | None = None)
     if mode != "local":
         graph.add_worker(worker.address, token=token)
     places: dict[str, set[str]] = {}
-    graph.on_event(
-        lambda e: places.setdefault(e["node_id"], set()).add(e["target"]), event_types=["NodeStarted"]
-    )
+    graph.on_event(lambda e: places.setdefault(e["node_id"], set()).add(e["target"]), event_types=["NodeStarted"])
     graph.fit(case.x(), case.y(), batch_size=case.batch_size)
     states = {nid: graph.get_state(nid) for nid in graph.nodes()}
     first = graph.forward(case.x())
@@ -212,16 +231,26 @@ def assert_same(got: Any, want: Any, path: str = "value") -> None:
         for i, (a, b) in enumerate(zip(got, want)):
             assert_same(a, b, f"{path}[{i}]")
     elif isinstance(want, np.ndarray):
-        assert got.dtype == want.dtype and got.shape == want.shape, f"{path}: {got.dtype}{got.shape} != {want.dtype}{want.shape}"
+        assert got.dtype == want.dtype and got.shape == want.shape, (
+            f"{path}: {got.dtype}{got.shape} != {want.dtype}{want.shape}"
+        )
         assert np.array_equal(got, want, equal_nan=want.dtype.kind in "fc"), f"{path}: {got} != {want}"
-        assert np.array_equal(np.signbit(got), np.signbit(want)) if want.dtype.kind == "f" else True, f"{path}: signs differ"
+        assert np.array_equal(np.signbit(got), np.signbit(want)) if want.dtype.kind == "f" else True, (
+            f"{path}: signs differ"
+        )
     elif isinstance(want, float):
-        assert (math.isnan(got) and math.isnan(want)) or (got == want and math.copysign(1, got) == math.copysign(1, want)), f"{path}: {got!r} != {want!r}"
+        assert (math.isnan(got) and math.isnan(want)) or (
+            got == want and math.copysign(1, got) == math.copysign(1, want)
+        ), f"{path}: {got!r} != {want!r}"
     elif type(want).__module__.startswith("torch"):
         import torch
 
-        assert got.dtype == want.dtype and got.shape == want.shape, f"{path}: {got.dtype}{got.shape} != {want.dtype}{want.shape}"
-        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num()), f"{path}: {got} != {want}"
+        assert got.dtype == want.dtype and got.shape == want.shape, (
+            f"{path}: {got.dtype}{got.shape} != {want.dtype}{want.shape}"
+        )
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num()), (
+            f"{path}: {got} != {want}"
+        )
     elif type(want).__module__.startswith("pandas"):
         assert got.equals(want), f"{path}: {got} != {want}"
     else:

@@ -146,7 +146,11 @@ class RunningMean(Filter):
     def partial_fit(self, x: Any, y: Any, state: Any) -> Any:
         state = state or {"sum": 0.0, "rows": 0, "batches": 0}
         extra = 0.0 if y is None else float(np.sum(y))
-        return {"sum": state["sum"] + float(np.sum(x)) + extra, "rows": state["rows"] + len(x), "batches": state["batches"] + 1}
+        return {
+            "sum": state["sum"] + float(np.sum(x)) + extra,
+            "rows": state["rows"] + len(x),
+            "batches": state["batches"] + 1,
+        }
 
     def forward(self, x: Any, state: Any) -> Any:
         return np.asarray(x, dtype=float) - state["sum"] / state["rows"]
@@ -205,7 +209,15 @@ class Misc(Filter):
     _kind = "stateless"
 
     def forward(self, x: Any, state: Any) -> Any:
-        return {"big": 2**80, "neg_big": -(2**70), "bytes": b"\x00\xff", "text": "é\n\"", "none": None, "set": {1, 2}, "x": x}
+        return {
+            "big": 2**80,
+            "neg_big": -(2**70),
+            "bytes": b"\x00\xff",
+            "text": 'é\n"',
+            "none": None,
+            "set": {1, 2},
+            "x": x,
+        }
 
 
 class Uncached(Filter):
@@ -253,13 +265,14 @@ class TorchLinear(Filter):
         inputs = torch.as_tensor(x, dtype=torch.float64)
         target = torch.as_tensor(y, dtype=torch.float64).reshape(-1, 1)
         optimizer = torch.optim.SGD(self._module.parameters(), lr=0.05)
-        loss = None
+        losses = []
         for _ in range(self.steps):
             optimizer.zero_grad()
             loss = torch.mean((self._module(inputs) - target) ** 2)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
-        return {"steps": self.steps, "final_loss": float(loss.detach())}
+            losses.append(float(loss.detach()))
+        return {"steps": self.steps, "final_loss": losses[-1]}
 
     def forward(self, x: Any, state: Any) -> Any:
         import torch

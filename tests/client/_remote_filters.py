@@ -85,6 +85,7 @@ class Fails(Filter):
 
 class Sleeps(Filter):
     _kind = "stateless"
+    seconds: float
 
     def __init__(self, seconds: float = 30.0) -> None:
         super().__init__(seconds=seconds)

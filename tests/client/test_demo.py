@@ -19,7 +19,8 @@ def test_demo_runs_on_a_local_worker_and_stops_it() -> None:
     assert f"Remote(scaler, target={worker}):" in text
     assert f"RemoteDispatched scaler, ridge, nearest_neighbours, average -> {worker}" in text
     assert f"NodeStarted    ridge [Trainable, {worker}]" in text
-    assert "average" in text.split("Results")[1]
+    assert "NodeStarted    ridge [Trainable, local]" in text.split("starting a local worker")[0]
+    assert "same as in process   True" in text.split("Results")[1]
     refit = text.split("fit again with the same data")[1]
     assert "0 executed, 4 from cache" in refit and refit.count("NodeCacheHit") == 7
     info = json.loads(text.split("worker /info:\n")[1].split("\nworker stopped")[0])

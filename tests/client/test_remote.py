@@ -113,7 +113,11 @@ def test_without_workers_targets_are_reported_and_ignored() -> None:
     graph = Graph()
     graph.node("a", rf.Where(), target="tag:gpu")
     diagnostics = graph.compile()["diagnostics"]
-    assert {"node_id": "a", "level": "info", "message": "target 'tag:gpu' ignored: no workers configured"} in diagnostics
+    assert {
+        "node_id": "a",
+        "level": "info",
+        "message": "target 'tag:gpu' ignored: no workers configured",
+    } in diagnostics
     graph.fit("x")
     assert graph.get_state("a") == {"pid": os.getpid()}
 
@@ -181,9 +185,7 @@ def test_the_graph_seed_reaches_remote_filters(worker: Worker, worker_token: str
     assert graph.forward(None) == {"fit": 77, "forward": 77}
 
 
-def test_large_values_travel_by_reference(
-    worker: Worker, worker_token: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_large_values_travel_by_reference(worker: Worker, worker_token: str, monkeypatch: pytest.MonkeyPatch) -> None:
     uploads: list[int] = []
     original = transport.RemoteClient.upload_frame
 

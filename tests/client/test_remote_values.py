@@ -26,7 +26,15 @@ def fake() -> Iterator[FakeWorker]:
 
 @pytest.mark.parametrize(
     "value",
-    [None, 3, "é" * 40, [1.5] * 5000, {"a": list(range(300)), 2: (1, "x")}, np.arange(10.0), {"x": np.zeros(3), "y": [1]}],
+    [
+        None,
+        3,
+        "é" * 40,
+        [1.5] * 5000,
+        {"a": list(range(300)), 2: (1, "x")},
+        np.arange(10.0),
+        {"x": np.zeros(3), "y": [1]},
+    ],
 )
 def test_measured_size_is_the_encoded_size_and_the_frame_decodes(value: Any) -> None:
     size, parts = measured(value)
@@ -36,7 +44,9 @@ def test_measured_size_is_the_encoded_size_and_the_frame_decodes(value: Any) -> 
 
 
 @pytest.mark.parametrize(("length", "uploaded"), [(1020, False), (1021, True)])
-def test_one_byte_under_the_threshold_is_inline_and_at_it_uploaded(fake: FakeWorker, length: int, uploaded: bool) -> None:
+def test_one_byte_under_the_threshold_is_inline_and_at_it_uploaded(
+    fake: FakeWorker, length: int, uploaded: bool
+) -> None:
     x = b"\x01" * length  # bin 16: a 3-byte header, so 1021 bytes encode to exactly 1024
     assert v2.encoded_size(x) == length + 3
     graph = Graph()

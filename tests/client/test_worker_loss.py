@@ -24,7 +24,13 @@ from soma.errors import RemoteError
 def worker_process(free_port: int) -> Iterator[subprocess.Popen[bytes]]:
     """A ``soma-worker`` in its own process, ready to be killed."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from soma.worker.cli import main; sys.exit(main())", "--port", str(free_port)],
+        [
+            sys.executable,
+            "-c",
+            "import sys; from soma.worker.cli import main; sys.exit(main())",
+            "--port",
+            str(free_port),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

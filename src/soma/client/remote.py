@@ -26,12 +26,20 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import cloudpickle
 
 from soma.client.transport import RemoteClient, client_for, error_from_reply, runtime_versions
-from soma.errors import RemoteError, SomaConfigError, SomaError, SomaWarning, WorkerUnavailableError
+from soma.errors import (
+    ChildError,
+    FilterError,
+    RemoteError,
+    SomaConfigError,
+    SomaError,
+    SomaWarning,
+    WorkerUnavailableError,
+)
 from soma.isolation.daemon import CommandError, UserCodeError, unwrap_state
 from soma.runtime import events as ev
 from soma.runtime.cache import Cache
@@ -97,7 +105,7 @@ class WorkerRunner:
         self._blocks = 0
         self._lock = threading.Lock()
 
-    def __enter__(self) -> WorkerRunner:
+    def __enter__(self) -> Self:
         self._client = client_for(self.address, self._token)
         return self
 
@@ -134,11 +142,11 @@ class WorkerRunner:
                 raise error_from_reply(reply.result.error, where=self.address, phase=request.phase)
             result = self._result(request, client, reply)
         except SomaError as exc:
-            if hasattr(exc, "phase") and getattr(exc, "phase", None) is None:
-                exc.phase = request.phase  # type: ignore[attr-defined]
-            open_nodes = relay.fail_open(str(exc), getattr(exc, "type_name", type(exc).__name__), request.run_id)
-            if getattr(exc, "node_id", None) is None and len(open_nodes) == 1:
-                exc.node_id = open_nodes[0]  # type: ignore[attr-defined]
+            error_type = exc.type_name if isinstance(exc, FilterError) else type(exc).__name__
+            open_nodes = relay.fail_open(str(exc), error_type, request.run_id)
+            # A lost worker names no node; the one it was running is the one that failed.
+            if isinstance(exc, RemoteError | ChildError) and exc.node_id is None and len(open_nodes) == 1:
+                exc.node_id = open_nodes[0]
             raise
         relay.complete_unreported(request.nodes, request.run_id)
         return dataclasses.replace(result, cache_hits=relay.cache_hits)
@@ -255,12 +263,13 @@ class WorkerRunner:
 
 def _pickle_filter(node_id: str, filter_obj: Any) -> bytes:
     try:
-        return cloudpickle.dumps(filter_obj)
+        data: bytes = cloudpickle.dumps(filter_obj)
     except Exception as exc:  # pickling runs the filter's own reducers; any failure is the filter's
         raise SomaConfigError(
             f"filter of node `{node_id}` ({type(filter_obj).__name__}) cannot be pickled for a worker: "
             f"{type(exc).__name__}: {exc}; keep unpicklable resources out of its parameters"
         ) from exc
+    return data
 
 
 def _carried(client: RemoteClient, value: Any, threshold: int) -> Any:

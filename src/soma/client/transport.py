@@ -40,7 +40,7 @@ import threading
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 from soma.errors import (
     ChildError,
@@ -59,9 +59,9 @@ from soma.wire.codec import check_version
 from soma.wire.errors import WireError
 from soma.wire.messages import (
     ERROR_CODES,
-    DataRef,
     CachedRef,
     CancelPlan,
+    DataRef,
     Error,
     ErrorInfo,
     Event,
@@ -103,13 +103,6 @@ Body = bytes | Sequence[bytes | memoryview]
 
 class _Default:
     """The "use the configured default" sentinel, distinct from ``None`` (which means no limit)."""
-
-    _instance: _Default | None = None
-
-    def __new__(cls) -> _Default:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
 
     def __repr__(self) -> str:
         return "DEFAULT"
@@ -450,9 +443,7 @@ def error_from_reply(
         return result
     if code == "row_mismatch":
         rows = _ROWS.search(error.message)
-        result = (
-            RowMismatchError(int(rows.group(1)), int(rows.group(2))) if rows else SomaConfigError(error.message)
-        )
+        result = RowMismatchError(int(rows.group(1)), int(rows.group(2))) if rows else SomaConfigError(error.message)
     elif code in _CHILD_CODES or code == "timeout":
         cls = ChildTimeoutError if code == "timeout" else ChildError
         result = cls(
@@ -469,9 +460,9 @@ def error_from_reply(
         result = ProtocolError(error.message, code=code, node_id=node, details=details)
     else:
         result = RemoteError(error.message, code=code, retryable=retryable, node_id=node, details=details)
-    result.code = code  # type: ignore[attr-defined]
-    result.retryable = retryable  # type: ignore[attr-defined]
-    result.node_id = node  # type: ignore[attr-defined]
+    # RowMismatchError and SomaConfigError do not declare these; every mapped error carries them.
+    for name, value in (("code", code), ("retryable", retryable), ("node_id", node)):
+        setattr(result, name, value)
     return result
 
 
@@ -634,7 +625,9 @@ class AsyncRemoteClient:
                 raise ProtocolError(f"worker {self.address} answered Hello with {reply.type}, expected Welcome")
         except WireError as exc:
             await channel.close()
-            raise ProtocolError(f"undecodable handshake frame from {self.address}: {exc.message}", code=exc.code) from exc
+            raise ProtocolError(
+                f"undecodable handshake frame from {self.address}: {exc.message}", code=exc.code
+            ) from exc
         except BaseException:
             await channel.close()
             raise
@@ -693,13 +686,15 @@ class AsyncRemoteClient:
         if pending is None and isinstance(reply, Error) and reply.re is None and len(self._pending) == 1:
             pending = next(iter(self._pending.values()))
         if pending is None:
-            client_logger.debug("dropping %s from %s for no waiting request (re=%r)", reply.type, self.address, reply.re)
+            client_logger.debug(
+                "dropping %s from %s for no waiting request (re=%r)", reply.type, self.address, reply.re
+            )
             return
         if isinstance(reply, _NON_TERMINAL):
             if pending.on_frame is not None:
                 try:
                     pending.on_frame(reply)
-                except Exception:
+                except Exception:  # a caller's callback must not kill the connection's reader
                     client_logger.exception("frame callback for %s failed", pending.request_id)
             return
         if not pending.future.done():
@@ -774,7 +769,9 @@ class AsyncRemoteClient:
         try:
             channel = self._channel
             if channel is None:
-                raise RemoteError(f"the connection to worker {self.address} is gone", code="worker_lost", retryable=True)
+                raise RemoteError(
+                    f"the connection to worker {self.address} is gone", code="worker_lost", retryable=True
+                )
             async with self._send_lock:
                 try:
                     await channel.send(frame)
@@ -967,7 +964,7 @@ class RemoteClient:
     def __repr__(self) -> str:
         return f"RemoteClient({self.address!r}, state={self.state.value})"
 
-    def __enter__(self) -> RemoteClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
