@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from soma.wire.codec import Codec
+from soma.wire.codec import Codec, Dialect
 from soma.wire.messages import Hello, Reply, Request
 from soma.worker.app import Serving, WorkerServer
 from soma.worker.config import WorkerConfig
@@ -70,7 +70,8 @@ async def running(config: WorkerConfig, **options: Any) -> AsyncIterator[LiveWor
     server = WorkerServer(config, detector=lambda _: FIXED_CAPS, **options)
     ready: asyncio.Future[Serving] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(server.serve(on_ready=ready.set_result))
-    done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    waits: list[asyncio.Future[Any]] = [task, ready]
+    done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()  # raises the startup failure
     try:
@@ -83,7 +84,7 @@ async def running(config: WorkerConfig, **options: Any) -> AsyncIterator[LiveWor
 class WireClient:
     """One WebSocket to a worker in a fixed dialect (``v2`` offers the ``soma.v2`` subprotocol)."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, dialect: str) -> None:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, dialect: Dialect) -> None:
         self.ws = ws
         self.dialect = dialect
         self.codec = Codec(dialect, side="client")
@@ -94,7 +95,7 @@ class WireClient:
         cls,
         session: aiohttp.ClientSession,
         base_url: str,
-        dialect: str = "v2",
+        dialect: Dialect = "v2",
         *,
         hello: bool = True,
         headers: dict[str, str] | None = None,

@@ -11,9 +11,11 @@ import sys
 import textwrap
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypedDict
 
 import aiohttp
 import pytest
@@ -33,17 +35,23 @@ def _health(url: str) -> int:
         return int(response.status)
 
 
-def _dirs(tmp_path: Path, name: str) -> dict[str, Path]:
+class Dirs(TypedDict):
+    temp_dir: Path
+    work_dir: Path
+    env_dir: Path
+
+
+def _dirs(tmp_path: Path, name: str) -> Dirs:
     return {"temp_dir": tmp_path / f"{name}-temp", "work_dir": tmp_path / f"{name}-work", "env_dir": tmp_path / "envs"}
 
 
 @pytest.fixture(scope="module")
-def shared_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def shared_dirs(tmp_path_factory: pytest.TempPathFactory) -> Dirs:
     return _dirs(tmp_path_factory.mktemp("embedded"), "shared")
 
 
 @pytest.fixture(scope="module")
-def worker(shared_dirs: dict[str, Path]) -> Iterator[Worker]:
+def worker(shared_dirs: Dirs) -> Iterator[Worker]:
     """One started worker shared by the tests that only read from it."""
     with Worker(port=0, tags="x, y", worker_id="emb-1", **shared_dirs) as running:
         yield running
@@ -78,7 +86,14 @@ def test_a_public_host_needs_a_token_or_insecure() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"port": 70000}, {"port": "80"}, {"memory": "lots"}, {"max_concurrent": 0}, {"worker_id": "bad id!"}, {"token": ""}],
+    [
+        {"port": 70000},
+        {"port": "80"},
+        {"memory": "lots"},
+        {"max_concurrent": 0},
+        {"worker_id": "bad id!"},
+        {"token": ""},
+    ],
 )
 def test_bad_constructor_arguments_raise_config_errors(kwargs: dict[str, object]) -> None:
     with pytest.raises(SomaConfigError):
@@ -140,7 +155,7 @@ def test_starting_twice_is_refused(worker: Worker) -> None:
 
 def test_set_data_store_applies_to_a_running_worker(worker: Worker, tmp_path: Path) -> None:
     (tmp_path / "v.json").write_text(json.dumps({"type": "Json", "data": 7}))
-    url = f"http://127.0.0.1:{worker.port}/download?ref=" + urllib.request.quote(
+    url = f"http://127.0.0.1:{worker.port}/download?ref=" + urllib.parse.quote(
         json.dumps({"type": "Local", "path": str(tmp_path / "v.json")})
     )
     with pytest.raises(urllib.error.HTTPError) as caught:
@@ -176,7 +191,7 @@ def test_start_raises_bind_failures_as_remote_errors(tmp_path: Path) -> None:
 
 
 def test_start_raises_when_another_worker_owns_the_temp_dir(
-    worker: Worker, shared_dirs: dict[str, Path], tmp_path: Path
+    worker: Worker, shared_dirs: Dirs, tmp_path: Path
 ) -> None:
     with pytest.raises(RemoteError) as caught:
         Worker(port=0, temp_dir=shared_dirs["temp_dir"], work_dir=tmp_path / "w").start()
@@ -186,19 +201,18 @@ def test_start_raises_when_another_worker_owns_the_temp_dir(
 
 
 def test_shutdown_message_stops_a_started_worker_without_touching_the_host(tmp_path: Path) -> None:
-    from soma.wire.codec import Codec
+    from soma.wire import v2
     from soma.wire.messages import Ack, Hello, Shutdown
 
     worker = Worker(port=0, **_dirs(tmp_path, "bye")).start()
     url = f"http://127.0.0.1:{worker.port}"
 
     async def shutdown() -> object:
-        codec = Codec("v2", side="client")
         async with aiohttp.ClientSession() as http, http.ws_connect(f"{url}/ws", protocols=("soma.v2",)) as ws:
-            await ws.send_bytes(codec.encode(Hello(id="h", client={})))
+            await ws.send_bytes(v2.encode_frame(Hello(id="h", client={})))
             await ws.receive(timeout=10)
-            await ws.send_bytes(codec.encode(Shutdown(id="s", reason="done")))
-            return codec.decode((await ws.receive(timeout=10)).data)
+            await ws.send_bytes(v2.encode_frame(Shutdown(id="s", reason="done")))
+            return v2.decode((await ws.receive(timeout=10)).data, "client")
 
     assert isinstance(asyncio.run(shutdown()), Ack)
     assert _wait_down(url)  # stopped by the message alone

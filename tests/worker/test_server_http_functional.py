@@ -8,12 +8,13 @@ import logging
 import math
 import os
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 import pytest
+from yarl import URL
 from _server_support import running, worker_config
 
 from soma.wire import v2
@@ -191,9 +192,9 @@ async def test_tokens_with_url_characters_work_by_header_and_query(
         async with http.get(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"}) as response:
             assert response.status == 200
         quoted = urllib.parse.quote(token, safe="")
-        async with http.get(aiohttp.client.URL(f"{url}/metrics?token={quoted}", encoded=True)) as response:
+        async with http.get(URL(f"{url}/metrics?token={quoted}", encoded=True)) as response:
             assert response.status == 200
-        async with http.get(aiohttp.client.URL(f"{url}/metrics?token={quoted}x", encoded=True)) as response:
+        async with http.get(URL(f"{url}/metrics?token={quoted}x", encoded=True)) as response:
             assert response.status == 401
 
 
@@ -230,7 +231,7 @@ async def test_auth_failures_are_counted(secured: str, http: aiohttp.ClientSessi
 # --------------------------------------------------------------------------- upload and download
 
 
-def _ref(data: dict[str, object]) -> dict[str, str]:
+def _ref(data: Mapping[str, object]) -> dict[str, str]:
     return {"ref": json.dumps(data)}
 
 
@@ -394,7 +395,8 @@ async def test_data_store_files_are_served_read_only(tmp_path: Path, http: aioht
         ref = _ref({"type": "Local", "path": str(data / "matrix.npy")})
         async with http.get(f"{url}/download", params=ref, headers={"Accept": V2}) as response:
             np.testing.assert_array_equal(v2.decode_value_frame(await response.read(), "client"), np.eye(2))
-        async with http.get(f"{url}/download", params=_ref({"type": "Local", "path": str(data / "value.json")})) as response:
+        json_ref = _ref({"type": "Local", "path": str(data / "value.json")})
+        async with http.get(f"{url}/download", params=json_ref) as response:
             assert await response.json() == {"type": "Json", "data": [1, 2]}
     assert sorted(os.listdir(data)) == ["matrix.npy", "value.json"]
 

@@ -14,7 +14,7 @@ import pytest
 from _execute_support import chain, filt, plan
 from _server_support import WireClient, running, worker_config
 
-from soma.wire.messages import Ack, Error, Event, Ping, PlanResult, PlanSuccess, Pong, Shutdown
+from soma.wire.messages import Ack, Error, Event, Ping, PlanResult, PlanSuccess, Pong, Reply, Shutdown
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ async def _metric(http: aiohttp.ClientSession, url: str, name: str) -> float:
 
 
 def _alive(pid: int) -> bool:
-    return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    return bool(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
 
 
 async def test_slots_busy_follows_a_running_plan(tmp_path: Path, http: aiohttp.ClientSession) -> None:
@@ -72,6 +72,7 @@ async def test_shutdown_acks_first_lets_a_running_plan_finish_then_stops(
                 if frame.type is not aiohttp.WSMsgType.BINARY:
                     break
                 reply = client.codec.decode(frame.data)
+                assert isinstance(reply, Reply)
                 if not isinstance(reply, Event):
                     frames.append((reply, time.monotonic() - sent))
                 if len(frames) == 1:

@@ -19,6 +19,7 @@ import psutil
 import pytest
 from _server_support import WireClient, running, worker_config
 
+from soma.wire.codec import Dialect
 from soma.wire.messages import (
     Ack,
     AssignPlan,
@@ -36,7 +37,6 @@ from soma.wire.messages import (
     PlanSuccess,
     Pong,
     PythonPipelineJob,
-    Register,
     Reply,
     SerializedPlan,
     Shutdown,
@@ -111,7 +111,9 @@ async def test_v1_plan_with_an_unknown_protocol_version_is_refused_without_side_
         "plan_id": "remote_plan_3",
         "plan": {"Sequence": [{"Execute": {"node_id": "a"}}]},
         "input": None,
-        "filters": [{"node_id": "a", "pickled_filter": "AAAA", "state": None, "requirements": ["numpy"], "trainable": True}],
+        "filters": [
+            {"node_id": "a", "pickled_filter": "AAAA", "state": None, "requirements": ["numpy"], "trainable": True}
+        ],
         "mode": "Forward",
         "metadata": {},
         "protocol_version": 3,
@@ -160,7 +162,7 @@ async def test_v1_light_requests_get_exactly_one_reply_each(tmp_path: Path, http
             {"type": "GetState", "plan_id": "nothing", "node_ids": ["a"]},
         ):
             await client.send_raw(_v1(message))
-        seen = Counter()
+        seen: Counter[str] = Counter()
         for _ in range(4):
             seen[(await _v1_reply(client))["type"]] += 1
         assert seen == Counter({"Pong": 1, "Register": 1, "Error": 2})
@@ -267,7 +269,7 @@ async def test_v2_light_requests_get_exactly_one_terminal_reply_each(
 
 @pytest.mark.parametrize("dialect", ["v1", "v2"])
 async def test_error_texts_with_quotes_backslashes_newlines_and_unicode_arrive_intact(
-    tmp_path: Path, http: aiohttp.ClientSession, dialect: str
+    tmp_path: Path, http: aiohttp.ClientSession, dialect: Dialect
 ) -> None:
     async with running(worker_config(tmp_path)) as live, WireClient.connect(http, live.url, dialect) as client:
         reply = await client.request(CancelPlan(id="c", plan_id=TRICKY))

@@ -18,10 +18,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from soma.wire.codec import Codec
+from soma.wire import v2
 from soma.wire.messages import Error, Hello, Ping, Pong, Shutdown
 from soma.worker.cli import main
 from soma.worker.config import config_from_args
@@ -83,7 +84,7 @@ def cli_workers(tmp_path: Path) -> Iterator[list[CliWorker]]:
         worker.close()
 
 
-def _get_json(url: str) -> dict[str, object]:
+def _get_json(url: str) -> dict[str, Any]:
     with _OPENER.open(url, timeout=5.0) as response:
         return json.loads(response.read())  # type: ignore[no-any-return]
 
@@ -158,7 +159,7 @@ def test_a_cli_worker_serves_health_and_info_then_stops_on_sigterm(
         assert response.read() == b"ok"
     info = _get_json(f"{url}/info")
     assert info["worker_id"] == "w1" and info["type"] == "Register"
-    assert set(info["capabilities"]) == {"cpu_cores", "ram_bytes", "gpus", "python_envs", "tags"}  # type: ignore[arg-type]
+    assert set(info["capabilities"]) == {"cpu_cores", "ram_bytes", "gpus", "python_envs", "tags"}
     assert worker.stop(signal.SIGTERM) == 0
     log = worker.log
     assert f"listening on ws://127.0.0.1:{port}" in log
@@ -178,14 +179,13 @@ def test_an_insecure_cli_worker_warns_and_refuses_shutdown(tmp_path: Path, cli_w
     worker.wait_healthy(url)
 
     async def try_shutdown() -> tuple[object, object]:
-        codec = Codec("v2", side="client")
         async with aiohttp.ClientSession() as http, http.ws_connect(f"{url}/ws", protocols=("soma.v2",)) as ws:
-            await ws.send_bytes(codec.encode(Hello(id="h", client={})))
+            await ws.send_bytes(v2.encode_frame(Hello(id="h", client={})))
             await ws.receive(timeout=10)
-            await ws.send_bytes(codec.encode(Shutdown(id="s")))
-            refused = codec.decode((await ws.receive(timeout=10)).data)
-            await ws.send_bytes(codec.encode(Ping(id="p")))
-            return refused, codec.decode((await ws.receive(timeout=10)).data)
+            await ws.send_bytes(v2.encode_frame(Shutdown(id="s")))
+            refused = v2.decode((await ws.receive(timeout=10)).data, "client")
+            await ws.send_bytes(v2.encode_frame(Ping(id="p")))
+            return refused, v2.decode((await ws.receive(timeout=10)).data, "client")
 
     refused, pong = asyncio.run(try_shutdown())
     assert isinstance(refused, Error) and refused.code == "unauthorized"

@@ -1,7 +1,7 @@
 """One client WebSocket on the worker: a state machine with a guaranteed end (worker spec §5, §6.11).
 
     upgrade ──▶ OPEN ── reader loop: frame ─▶ decode ─▶ one task per request ─▶ its one terminal reply
-                 │                                         (concurrent; v1 correlates by plan id, v2 by ``re``)
+                 │                           (concurrent; v1 correlates by plan id, v2 by ``re``)
                  │ client closed, protocol mismatch, oversize frame, worker shutdown
                  ▼
               CLOSING ── the executor cancels the connection's requests and ends its sessions;
@@ -491,7 +491,7 @@ class Connection:
         self.host.metrics.count_request(pending.message.type, _outcome(reply))
 
     async def _send_error(self, error: Error, message: Request | None) -> None:
-        error = _with_worker_id(error, self.host.worker_id)
+        error = dataclasses.replace(error, worker_id=self.host.worker_id)
         if message is not None:
             error = dataclasses.replace(error, plan_id=error.plan_id or _plan_id_of(message))
             self.host.metrics.count_request(message.type, error.code)

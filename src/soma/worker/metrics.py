@@ -70,7 +70,8 @@ class WorkerMetrics:
         self.memory_limit_bytes = memory_limit_bytes
         registry = self.registry
         self.requests = Counter(
-            f"{PREFIX}requests", "Requests answered, by message type and outcome", ["type", "outcome"], registry=registry
+            f"{PREFIX}requests", "Requests answered, by message type and outcome", ["type", "outcome"],
+            registry=registry,
         )
         self.plan_seconds = Histogram(
             f"{PREFIX}plan_seconds", "Plan duration from slot to reply", buckets=PLAN_BUCKETS, registry=registry
@@ -78,11 +79,17 @@ class WorkerMetrics:
         self.bytes_received = Counter(
             f"{PREFIX}bytes_received", "Bytes received in WebSocket frames and uploads", registry=registry
         )
-        self.bytes_sent = Counter(f"{PREFIX}bytes_sent", "Bytes sent in WebSocket frames and downloads", registry=registry)
-        self.env_builds = Counter(f"{PREFIX}env_builds", "Environment builds by outcome", ["outcome"], registry=registry)
+        self.bytes_sent = Counter(
+            f"{PREFIX}bytes_sent", "Bytes sent in WebSocket frames and downloads", registry=registry
+        )
+        self.env_builds = Counter(
+            f"{PREFIX}env_builds", "Environment builds by outcome", ["outcome"], registry=registry
+        )
         self.cache_hits = Counter(f"{PREFIX}cache_hits", "Worker cache hits", registry=registry)
         self.cache_misses = Counter(f"{PREFIX}cache_misses", "Worker cache misses", registry=registry)
-        self.auth_failures = Counter(f"{PREFIX}auth_failures", "Requests refused for a missing or wrong token", registry=registry)
+        self.auth_failures = Counter(
+            f"{PREFIX}auth_failures", "Requests refused for a missing or wrong token", registry=registry
+        )
         for outcome in ("success", "failed"):
             self.env_builds.labels(outcome=outcome)
         self._status: StatusSource | None = None

@@ -37,8 +37,9 @@ from soma.errors import SomaConfigError
 from soma.isolation.limits import MemoryWatch
 from soma.isolation.markers import Opaque
 from soma.isolation.pool import Pool
-from soma.log import access_logger, worker_logger
+from soma.log import worker_logger
 from soma.wire import v1, v2
+from soma.wire.codec import Dialect
 from soma.wire.errors import WireError
 from soma.wire.messages import PROTOCOLS, CachedRef, Capabilities, GpuInfo, InlineRef, LoadMetrics, LocalRef
 from soma.worker.config import WorkerConfig, is_loopback
@@ -268,6 +269,7 @@ class WorkerState:
 
 
 STATE: web.AppKey[WorkerState] = web.AppKey("soma_worker_state", WorkerState)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 routes = web.RouteTableDef()
 
@@ -280,7 +282,7 @@ def _json_error(status: int, code: str, message: str, headers: Mapping[str, str]
 
 
 @web.middleware
-async def _error_bodies(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def _error_bodies(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn aiohttp's plain-text 404/405 (and any HTTP error without a JSON body) into ``{"error", "message"}``."""
     try:
         return await handler(request)
@@ -315,7 +317,7 @@ def _presented(request: web.Request) -> tuple[str | None, str]:
 
 
 @web.middleware
-async def _authenticate(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def _authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse protected routes without the right token (401 before any WebSocket upgrade)."""
     state = request.app[STATE]
     expected = state.config.token
@@ -625,7 +627,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if not ws.can_prepare(request).ok:
         return _json_error(400, "bad_message", "GET /ws expects a WebSocket upgrade")
     await ws.prepare(request)
-    dialect = "v2" if ws.ws_protocol == SUBPROTOCOL_V2 else "v1"
+    dialect: Dialect = "v2" if ws.ws_protocol == SUBPROTOCOL_V2 else "v1"
     connection = Connection(ws, dialect=dialect, host=state, peer=request.remote)
     state.connections.add(connection)
     try:
