@@ -19,7 +19,6 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import WSCloseCode, web
 
