@@ -104,6 +104,8 @@ class WorkerRunner:
         self._client: RemoteClient | None = None
         self._blocks = 0
         self._lock = threading.Lock()
+        # Large values uploaded during this run, by identity (x and y go to every block that needs them).
+        self._uploaded: dict[int, tuple[Any, CachedRef]] = {}
 
     def __enter__(self) -> Self:
         self._client = client_for(self.address, self._token)
@@ -113,6 +115,7 @@ class WorkerRunner:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._client = None
+        self._uploaded.clear()
 
     def run_block(self, request: BlockRequest, emit: Callable[[dict[str, Any]], None]) -> BlockResult:
         """Execute one block on the worker; raise its mapped error after ``NodeFailed`` events."""
@@ -162,7 +165,15 @@ class WorkerRunner:
 
     def _serialize(self, request: BlockRequest, client: RemoteClient, threshold: int) -> SerializedPlan:
         def carried(value: Any) -> Any:
-            return _carried(client, value, threshold)
+            with self._lock:
+                known = self._uploaded.get(id(value))
+            if known is not None and known[0] is value:
+                return known[1]
+            sent = _carried(client, value, threshold)
+            if isinstance(sent, CachedRef):
+                with self._lock:
+                    self._uploaded[id(value)] = (value, sent)
+            return sent
 
         fit = request.phase == "fit"
         filters = []
