@@ -558,6 +558,7 @@ class AsyncRemoteClient:
         self._connect_lock = asyncio.Lock()
         self._send_lock = asyncio.Lock()
         self._last_frame = 0.0
+        self._background: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"AsyncRemoteClient({self.address!r}, state={self.state.value})"
@@ -700,6 +701,12 @@ class AsyncRemoteClient:
         if not pending.future.done():
             pending.future.set_result(reply)
 
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        # The loop keeps only weak references to tasks: hold them until they finish.
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _lose(self, channel: Channel, error: RemoteError) -> None:
         """Mark the connection lost and fail every request waiting on it."""
         if self._channel is not channel:
@@ -713,7 +720,7 @@ class AsyncRemoteClient:
         reader, self._reader = self._reader, None
         if reader is not None and reader is not asyncio.current_task():
             reader.cancel()
-        asyncio.get_running_loop().create_task(channel.close())
+        self._in_background(channel.close())
         client_logger.info("connection to worker %s lost: %s", self.address, error.error)
 
     # -- requests -------------------------------------------------------------------------
@@ -733,7 +740,6 @@ class AsyncRemoteClient:
         ``RemoteTimeoutError`` after a best-effort ``CancelPlan`` for plans.
         """
         limit = self.timeout.request if isinstance(deadline, _Default) else deadline
-        loop = asyncio.get_running_loop()
         scope = asyncio.timeout(limit)
         try:
             async with scope:
@@ -744,7 +750,7 @@ class AsyncRemoteClient:
                 raise
             plan_id = getattr(getattr(message, "plan", None), "plan_id", None)
             if plan_id is not None and self.state is ClientState.OPEN:
-                loop.create_task(self._cancel_quietly(plan_id))
+                self._in_background(self._cancel_quietly(plan_id))
             raise RemoteTimeoutError(
                 f"worker {self.address} did not answer {message.type} within {limit:g} s",
                 code="timeout",
