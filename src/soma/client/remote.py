@@ -80,7 +80,7 @@ def remote_runner_factory(
     def factory(target: str, spec: RunnerSpec) -> WorkerRunner:
         if target not in workers:
             raise WorkerUnavailableError(target)
-        return WorkerRunner(target, workers[target].get("token"), nodes, cache, spec)
+        return WorkerRunner(target, workers[target].get("token"), nodes, cache)
 
     return factory
 
@@ -94,13 +94,11 @@ class WorkerRunner:
         token: str | None,
         nodes: Mapping[str, NodeRecord],
         cache: Cache | None,
-        spec: RunnerSpec,
     ) -> None:
         self.address = address
         self._token = token
         self._nodes = nodes
         self._cache = cache
-        self._spec = spec
         self._client: RemoteClient | None = None
         self._blocks = 0
         self._lock = threading.Lock()
