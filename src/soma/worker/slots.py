@@ -216,5 +216,9 @@ class GpuLeases:
         """
         if count < 1:
             raise SomaConfigError(f"a GPU lease needs at least one GPU, got {count}")
-        devices = await self._pool.take(count)
-        return GpuLease(devices, Permit(self._pool, devices))
+        taken = await self._pool.take(count)
+        # Devices come back from other leases in release order; hand them out in the
+        # worker's own order so CUDA_VISIBLE_DEVICES does not depend on timing.
+        rank = {device: i for i, device in enumerate(self._pool.items)}
+        devices = tuple(sorted(taken, key=rank.__getitem__))
+        return GpuLease(devices, Permit(self._pool, taken))
