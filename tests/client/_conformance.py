@@ -39,7 +39,6 @@ class Case:
     batch_size: int | None = None
     seed: int | None = None
     needs: str | None = None  # an optional module the case imports
-    known_defects: tuple[tuple[str, str], ...] = ()  # (mode, reason): strict xfail until fixed
 
 
 def _rows() -> np.ndarray:
@@ -98,15 +97,6 @@ CASES = [
         _rows,
         lambda: _rows() @ np.array([0.5, -1.0, 2.0]),
         needs="torch",
-        known_defects=(
-            (
-                "split",
-                (
-                    "worker: a torch tensor sent to a plan (here an external output) decodes to TorchData with a "
-                    "memoryview buffer, which the child channel cannot pickle ('cannot pickle memoryview objects')"
-                ),
-            ),
-        ),
     ),
 ]
 
@@ -266,9 +256,6 @@ class ConformanceContract:
     def test_case_matches_the_reference(self, case: Case, request: pytest.FixtureRequest) -> None:
         if case.needs:
             pytest.importorskip(case.needs)
-        for mode, reason in case.known_defects:
-            if mode == self.mode:
-                request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
         worker = token = None
         if self.mode != "local":
             worker = request.getfixturevalue("worker")

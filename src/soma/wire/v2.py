@@ -514,7 +514,9 @@ class _Decoder:
                 "bad_message", f"torch {name}{list(shape)} does not match its {view.nbytes}-byte buffer"
             )
         if self.side == "worker" or not _torch_available():
-            buffer = view if self.side == "worker" else bytearray(view)
+            # A PickleBuffer (not a bare memoryview) lets the worker relay the bytes to a
+            # child over the pickle-5 channel without copying them.
+            buffer = pickle.PickleBuffer(view) if self.side == "worker" else bytearray(view)
             return TorchData(buffer=buffer, dtype=name, shape=shape)
         import torch
 
@@ -531,7 +533,7 @@ class _Decoder:
         data = self.buffer(index)
         buffers = [self.buffer(i) for i in oob]
         if self.side == "worker":
-            return Opaque(data=bytes(data), buffers=list(buffers))
+            return Opaque(data=bytes(data), buffers=[pickle.PickleBuffer(b) for b in buffers])
         try:
             return pickle.loads(data, buffers=[bytearray(b) for b in buffers])
         except Exception as exc:  # unpickling runs the sender's reconstructors; any failure is theirs
