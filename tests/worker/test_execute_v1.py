@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 import _execute_filters as F
 import cloudpickle
 from _execute_support import RecordingConnection, rig
+from _server_support import running, worker_config
 
 from soma.wire import v1
 from soma.wire.messages import AssignPlan, PlanResult
@@ -177,3 +180,26 @@ async def test_states_holding_objects_travel_as_pickles_and_come_back_working(tm
         assert state["type"] == "Bytes" and bytes(state["data"]).startswith(v1.PICKLE_MAGIC)
         forward = await _run(r, text("p-obj-forward", "Forward", state))
     assert forward["result"]["output"]["value"]["data"]["values"] == [4.0, 5.0]
+
+
+async def test_a_stand_alone_0_2_43_client_fits_then_forwards_filter_subclasses(tmp_path: Path) -> None:
+    """A plain aiohttp v1 client (no subprotocol, JSON text, query token) whose filters subclass
+    ``soma.filter.Filter`` and use ``soma.search``: the classes unpickle in the worker's children."""
+    script = Path(__file__).with_name("_v1_client.py")
+    token = "compat-token-0123456789abcdef"
+    async with running(worker_config(tmp_path, token=token, host="127.0.0.1")) as live:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(script), live.url, token,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 90)
+    assert proc.returncode == 0, err.decode()
+    report = json.loads(out)
+    assert report["references"] == {"soma.filter": True, "FilterMeta": True, "soma.search": True}
+    fit, forward = report["fit"], report["forward"]
+    assert fit["status"] == "Success", fit
+    assert fit["states"] == {"centre": {"type": "Json", "data": {"mean": 2.0}}}
+    # centre: x - mean + offset (the search default 1.0); d doubles.
+    assert fit["output"] == {"delivery": "Inline", "value": _tensor([0.0, 2.0, 4.0])}
+    assert forward["status"] == "Success", forward
+    assert forward["output"] == {"delivery": "Inline", "value": _tensor([6.0, 8.0])}
