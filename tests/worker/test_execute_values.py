@@ -114,3 +114,31 @@ async def test_data_store_arrays_resolve_by_key_and_misses_name_every_place_sear
         missing = failure(await r.run(plan(chain("s"), [filt("s", F.Shape())], input=CachedRef(cache_key="cd" * 32))))
     assert missing.error.code == "unresolved_reference"
     assert str(r.store.store_dir) in missing.error.message and str(data_store.resolve()) in missing.error.message
+
+
+async def test_fits_on_inline_and_referenced_rows_give_equal_states(tmp_path: Path) -> None:
+    """Checklist item 48: a large referenced fit is a fit, never a forward-only stream."""
+    data_store = tmp_path / "data"
+    data_store.mkdir()
+    rng = np.random.default_rng(0)
+    async with rig(tmp_path, inline_threshold=THRESHOLD, data_store=data_store) as r:
+        for n in (500, 5_000, 20_000):
+            x = rng.normal(size=(n, 3))
+            y = x @ np.array([1.0, -2.0, 0.5]) + rng.normal(scale=0.01, size=n)
+            stored_x = CachedRef(cache_key=r.store.put_bytes(v2.encode_value_frame(x), ".soma"))
+            stored_y = CachedRef(cache_key=r.store.put_bytes(v2.encode_value_frame(y), ".soma"))
+            np.save(data_store / f"{n:064x}.npy", x)
+            np.save(data_store / f"y{n}.npy", y)
+            by_key = CachedRef(cache_key=f"{n:064x}")
+            by_path = LocalRef(path=str(data_store / f"y{n}.npy"))
+            states = []
+            for x_in, y_in in ((x, y), (stored_x, stored_y), (by_key, by_path)):
+                ls = filt("ls", F.LeastSquares(), trainable=True)
+                msg = plan(chain("ls"), [ls], input=x_in, mode=fit_mode(y_in))
+                result = success(await r.run(msg))
+                states.append(result.states["ls"])
+                assert isinstance(result.output, CachedRef) == (n * 8 >= THRESHOLD)  # the predictions
+            for state in states:
+                assert state["fitted"] is True and state["rows"] == n
+                np.testing.assert_array_equal(state["coef"], states[0]["coef"])
+            np.testing.assert_allclose(states[0]["coef"], [1.0, -2.0, 0.5], atol=0.01)
