@@ -412,6 +412,17 @@ def test_batched_fit_with_row_mismatch_raises_config_error() -> None:
     assert not g.fitted
 
 
+def test_a_row_mismatch_calls_no_user_code_and_leaves_a_fitted_graph_unchanged() -> None:
+    counter = RowCounter()
+    g = Graph.somatize(counter)
+    g.fit([1, 2, 3, 4], y=[1, 2, 3, 4], batch_size=2)
+    state, calls_before = g.get_state("row_counter"), len(counter._calls)
+    with pytest.raises(SomaConfigError, match="x and y have different numbers of rows: 5 vs 4"):
+        g.fit([1, 2, 3, 4, 5], y=[1, 2, 3, 4], batch_size=2)
+    assert len(counter._calls) == calls_before
+    assert g.fitted and g.get_state("row_counter") is state
+
+
 def test_batch_size_is_validated() -> None:
     g = Graph.somatize(RowCounter())
     for bad in (0, -1, 1.5, True):
