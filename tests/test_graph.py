@@ -198,6 +198,36 @@ def test_non_str_id_non_filter_and_bad_target_change_nothing() -> None:
     assert len(g) == 0
 
 
+def test_bad_input_leaves_a_fitted_graph_fitted_with_its_states() -> None:
+    g = Graph.somatize(MeanCenter() >> Scale(2.0))
+    g.fit(np.arange(4.0))
+    state, before = g.get_state("mean_center"), g.forward(np.arange(4.0))
+
+    class BogusKind:
+        _kind = "bogus"
+
+        def fit(self, x: Any, y: Any = None) -> Any:
+            return {}
+
+        def forward(self, x: Any, state: Any) -> Any:
+            return x
+
+    refusals = [
+        (NodeNotFoundError, lambda: g.edge("mean_center", "nowhere")),
+        (CycleError, lambda: g.edge("scale", "mean_center")),
+        (SomaConfigError, lambda: g.node(BogusKind())),
+        (SomaConfigError, lambda: g.node("bad id", Scale(1.0))),
+        (TypeError, lambda: g.node(object())),
+        (SomaConfigError, lambda: g.node()),
+    ]
+    for error, call in refusals:
+        with pytest.raises(error):
+            call()
+    assert g.fitted and g.nodes() == ["mean_center", "scale"] and g.edges() == [("mean_center", "scale")]
+    assert g.get_state("mean_center") is state
+    np.testing.assert_array_equal(g.forward(np.arange(4.0)), before)
+
+
 def test_duck_typed_filter_is_accepted() -> None:
     class Duck:
         _kind = "stateless"
