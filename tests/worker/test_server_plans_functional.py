@@ -1,4 +1,4 @@
-"""The server around running plans: metrics, shutdown drain, disconnects (checklist items 7, 31; §6.6, §6.12)."""
+"""The server around running plans: metrics, shutdown drain, disconnects, store pins (checklist items 7, 9, 31; §6.6, §6.12)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 from _execute_support import chain, filt, plan
 from _server_support import WireClient, running, worker_config
 
-from soma.wire.messages import Ack, Error, Event, Ping, PlanResult, PlanSuccess, Pong, Reply, Shutdown
+from soma.wire import v2
+from soma.wire.messages import Ack, CachedRef, Error, Event, Ping, PlanResult, PlanSuccess, Pong, Reply, Shutdown
 
 
 @pytest.fixture
@@ -103,3 +104,27 @@ async def test_closing_a_connection_cancels_its_running_plan(tmp_path: Path, htt
         async with WireClient.connect(http, live.url) as client:
             assert isinstance(await client.request(Ping(id="still")), Pong)
         assert await _metric(http, live.url, "soma_worker_slots_busy") == 0
+
+
+async def test_a_pinned_upload_outlives_its_ttl_until_the_plan_ends_then_both_it_and_the_output_go(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """Checklist item 9 with a running plan: pins hold, then uploads and worker-stored outputs are swept."""
+    store = tmp_path / "temp" / "store"
+    config = worker_config(tmp_path, store_ttl=1.0, store_sweep=1.0, inline_threshold=1024)
+    async with running(config) as live, WireClient.connect(http, live.url) as client:
+        async with http.post(f"{live.url}/upload", data=v2.encode_value_frame(list(range(1000, 2000)))) as response:
+            uploaded = store / f"{(await response.json())['cache_key']}.soma"
+        msg = plan(chain("s"), [filt("s", F.Sleeper(3.0))], input=CachedRef(cache_key=uploaded.stem), request_id="p")
+        await client.send(msg)
+        await asyncio.sleep(2.5)  # beyond the TTL plus a sweep, while the plan holds the pin
+        assert uploaded.exists()
+        while not isinstance(reply := await client.receive(30), PlanResult):
+            pass
+        assert isinstance(reply.result, PlanSuccess) and isinstance(reply.result.output, CachedRef)
+        output = store / f"{reply.result.output.cache_key}.soma"
+        assert output.exists()
+        ended = time.monotonic()
+        while (uploaded.exists() or output.exists()) and time.monotonic() - ended < 3.0:
+            await asyncio.sleep(0.1)
+        assert not uploaded.exists() and not output.exists()
