@@ -1,4 +1,7 @@
-"""The server around running plans: metrics, shutdown drain, disconnects, store pins (checklist items 7, 9, 31; §6.6, §6.12)."""
+"""The server around running plans: metrics, shutdown drain, disconnects, store pins.
+
+Checklist items 7, 9, 31; worker spec §6.6, §6.12.
+"""
 
 from __future__ import annotations
 
