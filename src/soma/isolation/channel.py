@@ -41,6 +41,7 @@ __all__ = [
     "MAGIC",
     "MAX_BUFFERS",
     "SPIN_SECONDS",
+    "Ring",
     "VERSION",
     "ChannelClosed",
     "FrameError",
@@ -64,11 +65,19 @@ _IOV_MAX = 1024
 # Buffers at least this large are read into pre-faulted, reused anonymous maps (_ReceivePool).
 _LARGE_BUFFER = 4 << 20
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 _POOL_BYTES = 1 << 30
 _POOL_IDLE_SECONDS = 10.0
 _F_SETPIPE_SZ = 1031
 _F_GETPIPE_SZ = 1032
 _PIPE_MAX_SIZE = "/proc/sys/fs/pipe-max-size"
+# A buffer sent through a Ring has this bit set in its header length; its bytes in the
+# stream are one _RING_TOKEN per chunk.
+_IN_RING = 1 << 63
+_RING_TOKEN = b"R"
+_RING_ACK = b"A"
+_RING_SLOTS = 2
+_RING_BYTES = 16 << 20
 
 Loads = Callable[[Any, list[Any]], Any]
 
@@ -87,6 +96,7 @@ def write_frame(
     *,
     deadline: float | None = None,
     reducer_override: Callable[[Any], Any] | None = None,
+    ring: Ring | None = None,
 ) -> int:
     """Pickle ``msg`` (protocol 5) and write it to ``fd`` as one frame; return the bytes written.
 
@@ -98,7 +108,8 @@ def write_frame(
     ``TimeoutError``; it needs a non-blocking fd, so giving one makes ``fd`` non-blocking.
     ``BrokenPipeError`` means the reader is gone. ``reducer_override`` is installed on
     the pickler (see ``pickle.Pickler.reducer_override``); whatever it raises propagates
-    before anything is written.
+    before anything is written. With ``ring`` (whose reader passes its twin to
+    ``read_frame``), buffers of at least 4 MiB travel through its shared memory.
     """
     raw_buffers: list[memoryview] = []
 
@@ -112,11 +123,23 @@ def write_frame(
         _OverridingPickler(stream, keep, reducer_override).dump(msg)
         payload = stream.getbuffer()
     header = bytearray(_HEADER.pack(MAGIC, VERSION, memoryview(payload).nbytes, len(raw_buffers)))
-    for view in raw_buffers:
-        header += _LENGTH.pack(view.nbytes)
+    in_ring = [ring is not None and view.nbytes >= _LARGE_BUFFER for view in raw_buffers]
+    for view, flagged in zip(raw_buffers, in_ring):
+        header += _LENGTH.pack(view.nbytes | _IN_RING if flagged else view.nbytes)
     if deadline is not None and os.get_blocking(fd):
         os.set_blocking(fd, False)
-    return _write_all(fd, [memoryview(header), memoryview(payload), *raw_buffers], deadline)
+    if ring is None or not any(in_ring):
+        return _write_all(fd, [memoryview(header), memoryview(payload), *raw_buffers], deadline)
+    total = 0
+    pending = [memoryview(header), memoryview(payload)]
+    for view, flagged in zip(raw_buffers, in_ring):
+        if not flagged:
+            pending.append(view)
+            continue
+        total += _write_all(fd, pending, deadline)
+        pending = []
+        total += ring.send(fd, view, deadline)
+    return total + _write_all(fd, pending, deadline)
 
 
 class _OverridingPickler(pickle.Pickler):
@@ -161,6 +184,7 @@ def read_frame(
     deadline: float | None = None,
     loads: Loads | None = None,
     max_frame: int = DEFAULT_MAX_FRAME,
+    ring: Ring | None = None,
 ) -> Any:
     """Read one frame from ``fd`` and return its message.
 
@@ -168,7 +192,9 @@ def read_frame(
     raises ``TimeoutError``, after which the channel is out of step and must be
     dropped. ``loads(payload, buffers)`` turns the payload into the message (default
     ``pickle.loads``; the parent passes ``restricted_loads``). Raises ``ChannelClosed``
-    on EOF and ``FrameError`` on a corrupt header. ``fd`` is made non-blocking.
+    on EOF and ``FrameError`` on a corrupt header. ``fd`` is made non-blocking. ``ring``
+    is the shared-memory twin of the writer's (see ``write_frame``); without one, a frame
+    that uses a ring is corrupt.
     """
     if os.get_blocking(fd):
         os.set_blocking(fd, False)
@@ -184,16 +210,32 @@ def read_frame(
     if payload_len > max_frame:
         raise FrameError(f"frame payload of {payload_len} bytes exceeds the limit of {max_frame}")
     lengths: tuple[int, ...] = ()
+    flags: tuple[bool, ...] = ()
     if count:
         raw_lengths = bytearray(_LENGTH.size * count)
         _read_exact(fd, [memoryview(raw_lengths)], deadline)
-        lengths = struct.unpack(f"<{count}Q", raw_lengths)
+        flagged = struct.unpack(f"<{count}Q", raw_lengths)
+        flags = tuple(bool(n & _IN_RING) for n in flagged)
+        lengths = tuple(n & ~_IN_RING for n in flagged)
+        if ring is None and any(flags):
+            raise FrameError("frame sends buffers through shared memory, but this channel has none")
         size = payload_len + sum(lengths)
         if size > max_frame:
             raise FrameError(f"frame of {size} bytes exceeds the limit of {max_frame}")
     payload = bytearray(payload_len)
     buffers = [_allocate(n) for n in lengths]
-    _read_exact(fd, [memoryview(payload), *(memoryview(b) for b in buffers)], deadline)
+    if ring is None or not any(flags):
+        _read_exact(fd, [memoryview(payload), *(memoryview(b) for b in buffers)], deadline)
+    else:
+        pending = [memoryview(payload)]
+        for buffer, flag in zip(buffers, flags):
+            if not flag:
+                pending.append(memoryview(buffer))
+                continue
+            _read_exact(fd, pending, deadline)
+            pending = []
+            ring.receive(fd, memoryview(buffer), deadline)
+        _read_exact(fd, pending, deadline)
     if loads is None:
         return pickle.loads(payload, buffers=buffers)
     return loads(payload, buffers)
@@ -230,7 +272,7 @@ class _ReceivePool:
                 buffer, used = min(free, key=lambda entry: len(entry[0]))
                 used[0] = now
                 return pickle.PickleBuffer(memoryview(buffer)[:size] if len(buffer) != size else buffer)
-            buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_POPULATE)
+            buffer = _fresh_map(size)
             if size <= _POOL_BYTES:
                 cls._release(now, keep=_POOL_BYTES - size)
                 if sum(len(entry[0]) for entry in cls.maps) + size <= _POOL_BYTES:
@@ -261,6 +303,19 @@ class _ReceivePool:
         return sys.getrefcount(entry[0]) == _FREE_REFS
 
 
+def _fresh_map(size: int) -> mmap.mmap:
+    """An anonymous map whose first touch is cheap: transparent huge pages where offered, else populated."""
+    if _MADV_HUGEPAGE is not None:
+        buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            # One fault per 2 MiB instead of per 4 KiB: fresh memory fills about 3x faster.
+            buffer.madvise(_MADV_HUGEPAGE)
+            return buffer
+        except OSError:
+            buffer.close()
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_POPULATE)
+
+
 def _free_refs() -> int:
     """What ``sys.getrefcount`` reports for a pooled map nothing else refers to, on this interpreter."""
     entry = (mmap.mmap(-1, mmap.PAGESIZE), [0.0])
@@ -270,6 +325,94 @@ def _free_refs() -> int:
 
 
 _FREE_REFS = _free_refs()
+
+
+class Ring:
+    """One direction of a channel's bulk path: a small shared-memory ring for large buffers.
+
+    A pipe moves well under 1 GB/s, while copying into memory that is already mapped
+    runs at memcpy speed. The writer copies a large buffer into the ring one slot-sized
+    chunk at a time and sends a one-byte token per chunk down the frame's pipe; the
+    reader copies each chunk out and answers with a one-byte ack on the *other* pipe
+    (which carries nothing else then: requests and replies alternate), so the writer
+    reuses a slot only once its chunk is read. The ring stays small and warm whatever
+    the buffer's size; ``write_frame`` returns once every chunk was acknowledged.
+
+    Both ends build a ``Ring`` over the same memfd: the writer with ``ack_fd`` = the
+    read end of the other pipe, the reader with ``ack_fd`` = its write end.
+    """
+
+    def __init__(self, memfd: int, ack_fd: int) -> None:
+        self.memfd = memfd
+        self.ack_fd = ack_fd
+        self._view: memoryview | None = None  # mapped on first use: idle children touch nothing
+
+    @staticmethod
+    def create_memfd() -> int | None:
+        """A new ring-sized memfd to share with a child, or ``None`` where memfds are unavailable."""
+        try:
+            memfd = os.memfd_create("soma-ring")
+            os.ftruncate(memfd, _RING_BYTES)
+        except (AttributeError, OSError):
+            return None
+        return memfd
+
+    def _slots(self) -> tuple[memoryview, int]:
+        if self._view is None:
+            size = os.fstat(self.memfd).st_size
+            if size < _RING_SLOTS:
+                raise FrameError(f"shared ring of {size} bytes is too small")
+            self._view = memoryview(mmap.mmap(self.memfd, size, flags=mmap.MAP_SHARED))
+        return self._view, len(self._view) // _RING_SLOTS
+
+    def send(self, fd: int, view: memoryview, deadline: float | None) -> int:
+        """Move ``view`` through the ring, announcing each chunk on ``fd``; return the stream bytes written."""
+        ring, slot = self._slots()
+        if os.get_blocking(self.ack_fd):
+            os.set_blocking(self.ack_fd, False)
+        chunks = -(-view.nbytes // slot)
+        unacked = 0
+        for index in range(chunks):
+            if unacked == _RING_SLOTS:
+                unacked -= self._acks(unacked, deadline)
+            start = (index % _RING_SLOTS) * slot
+            chunk = view[index * slot : (index + 1) * slot]
+            ring[start : start + chunk.nbytes] = chunk
+            _write_all(fd, [memoryview(_RING_TOKEN)], deadline)
+            unacked += 1
+        while unacked:
+            unacked -= self._acks(unacked, deadline)
+        return chunks
+
+    def _acks(self, most: int, deadline: float | None) -> int:
+        """Wait for 1 to ``most`` acks; never more, as the peer's next frame may follow them."""
+        while True:
+            try:
+                acks = os.read(self.ack_fd, most)
+            except BlockingIOError:
+                _wait(self.ack_fd, select.POLLIN, deadline)
+                continue
+            if not acks:
+                raise BrokenPipeError("the reader closed the channel during a shared-memory transfer")
+            if acks.strip(_RING_ACK):
+                raise FrameError(f"expected shared-memory acks, got {acks!r}")
+            return len(acks)
+
+    def receive(self, fd: int, view: memoryview, deadline: float | None) -> None:
+        """Fill ``view`` from the ring, chunk by chunk as ``fd`` announces them."""
+        ring, slot = self._slots()
+        token = bytearray(1)
+        for index in range(-(-view.nbytes // slot)):
+            _read_exact(fd, [memoryview(token)], deadline)
+            if token != _RING_TOKEN:
+                raise FrameError(f"expected a shared-memory chunk token, got {bytes(token)!r}")
+            start = (index % _RING_SLOTS) * slot
+            chunk = view[index * slot : (index + 1) * slot]
+            chunk[:] = ring[start : start + chunk.nbytes]
+            try:
+                os.write(self.ack_fd, _RING_ACK)
+            except BrokenPipeError as exc:
+                raise ChannelClosed("channel closed by the other end during a shared-memory transfer") from exc
 
 
 def _read_exact(fd: int, views: list[memoryview], deadline: float | None, *, at_boundary: bool = False) -> None:

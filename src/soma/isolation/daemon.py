@@ -519,8 +519,9 @@ class Daemon:
     malformed ones get ``bad_request`` and change nothing.
     """
 
-    def __init__(self, emit: Callable[[dict[str, Any]], Any]) -> None:
+    def __init__(self, emit: Callable[[dict[str, Any]], Any], *, ring: channel.Ring | None = None) -> None:
         self._emit = emit
+        self._ring = ring
         self._catalog: dict[str, _Entry] = {}
         self._handles: dict[str, Any] = {}
         self._handle_count = 0
@@ -675,7 +676,7 @@ class Daemon:
         spares the walk over lists of millions of floats.
         """
         try:
-            channel.write_frame(write_fd, reply, reducer_override=_reduce_neutral)
+            channel.write_frame(write_fd, reply, reducer_override=_reduce_neutral, ring=self._ring)
             return
         except _NeedsNeutralising:
             if "result" not in reply:
@@ -685,7 +686,7 @@ class Daemon:
         except CommandError as exc:
             error = _error_dict(exc.code, exc.message, command=self._command, node_id=exc.node_id, exc=exc.__cause__)
             reply = {"kind": "reply", "id": reply["id"], "ok": False, "error": error}
-        channel.write_frame(write_fd, reply)
+        channel.write_frame(write_fd, reply, ring=self._ring)
 
     def _reply_value(self, request: Mapping[str, Any], value: Any, node_id: str | None) -> dict[str, Any]:
         mode, want_blob = self._result_options(request)
@@ -1224,12 +1225,19 @@ def _load_request(payload: Any, buffers: list[Any]) -> tuple[Any, list[str], boo
     return unpickler.load(), unpickler.missing, unpickler.has_markers
 
 
-def serve(read_fd: int, write_fd: int) -> int:
-    """Answer requests until SHUTDOWN or EOF (0), or a corrupt request frame (3); return the exit code."""
-    daemon = Daemon(lambda message: channel.write_frame(write_fd, message))
+def serve(read_fd: int, write_fd: int, ring_fds: tuple[int, int] | None = None) -> int:
+    """Answer requests until SHUTDOWN or EOF (0), or a corrupt request frame (3); return the exit code.
+
+    ``ring_fds`` are the memfds of the request and reply ``channel.Ring`` (large buffers).
+    """
+    request_ring = reply_ring = None
+    if ring_fds is not None:
+        request_ring = channel.Ring(ring_fds[0], ack_fd=write_fd)
+        reply_ring = channel.Ring(ring_fds[1], ack_fd=read_fd)
+    daemon = Daemon(lambda message: channel.write_frame(write_fd, message, ring=reply_ring), ring=reply_ring)
     while True:
         try:
-            request, missing, has_markers = channel.read_frame(read_fd, loads=_load_request)
+            request, missing, has_markers = channel.read_frame(read_fd, loads=_load_request, ring=request_ring)
         except channel.ChannelClosed:
             return 0
         except Exception as exc:  # noqa: BLE001 - a frame or payload we cannot parse: the channel is out of step
@@ -1263,6 +1271,8 @@ def serve(read_fd: int, write_fd: int) -> int:
             channel.write_frame(write_fd, {"kind": "reply", "id": reply.get("id"), "ok": False, "error": error})
         if daemon.stopping:
             return 0
+        # Drop this call's values before waiting: their receive buffers can then be reused warm.
+        del request, reply
 
 
 def _die_with_parent() -> None:
@@ -1280,10 +1290,15 @@ def _die_with_parent() -> None:
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="soma.isolation.daemon", add_help=False)
     parser.add_argument("--fds", required=True, help="R,W: the request and reply pipe ends")
+    parser.add_argument("--rings", default=None, help="Q,P: the memfds of the request and reply rings")
     parser.add_argument("--rlimit-as", type=int, default=None)
     args = parser.parse_args(argv)
     read_fd, _, write_fd = args.fds.partition(",")
     args.read_fd, args.write_fd = int(read_fd), int(write_fd)
+    args.ring_fds = None
+    if args.rings is not None:
+        request_ring, _, reply_ring = args.rings.partition(",")
+        args.ring_fds = (int(request_ring), int(reply_ring))
     return args
 
 
@@ -1298,5 +1313,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         resource.setrlimit(resource.RLIMIT_AS, (args.rlimit_as, args.rlimit_as))
     channel.write_frame(args.write_fd, greeting())
-    sys.exit(serve(args.read_fd, args.write_fd))
+    sys.exit(serve(args.read_fd, args.write_fd, args.ring_fds))
 

@@ -180,9 +180,16 @@ class ChildSpec:
             env["CUDA_VISIBLE_DEVICES"] = self.cuda_visible_devices
         return env
 
-    def command(self, request_fd: int, reply_fd: int) -> list[str]:
-        """The launch command line; the child reads requests from ``request_fd``."""
+    def command(
+        self, request_fd: int, reply_fd: int, ring_fds: tuple[int, int] | None = None
+    ) -> list[str]:
+        """The launch command line; the child reads requests from ``request_fd``.
+
+        ``ring_fds`` are the memfds of the request and reply ``channel.Ring``.
+        """
         argv = [self.interpreter, "-c", _LAUNCH, "--fds", f"{request_fd},{reply_fd}"]
+        if ring_fds is not None:
+            argv += ["--rings", f"{ring_fds[0]},{ring_fds[1]}"]
         if self.rlimit_as is not None:
             argv += ["--rlimit-as", str(self.rlimit_as)]
         return argv
@@ -325,6 +332,7 @@ class Child:
         *,
         restricted: bool,
         on_output: OutputHook | None,
+        ring_fds: tuple[int, int] | None = None,
     ) -> None:
         self.spec = spec
         self.restricted = restricted
@@ -339,6 +347,12 @@ class Child:
         self._pid = process.pid
         self._request_fd = request_fd
         self._reply_fd = reply_fd
+        self._ring_fds = ring_fds
+        # Large buffers go through shared memory; the acks travel on the opposite pipe.
+        self._request_ring = self._reply_ring = None
+        if ring_fds is not None:
+            self._request_ring = channel.Ring(ring_fds[0], ack_fd=reply_fd)
+            self._reply_ring = channel.Ring(ring_fds[1], ack_fd=request_fd)
         self._cwd = cwd
         self._pidfd = os.pidfd_open(process.pid) if hasattr(os, "pidfd_open") else None
         self._loads = channel.restricted_loads if restricted else _full_loads
@@ -394,12 +408,18 @@ class Child:
         """
         request_r, request_w = os.pipe()
         reply_r, reply_w = os.pipe()
+        memfds = [channel.Ring.create_memfd() for _ in range(2)]
+        ring_fds = (memfds[0], memfds[1]) if None not in memfds else None
+        if ring_fds is None:
+            for memfd in memfds:
+                if memfd is not None:
+                    os.close(memfd)
         cwd = _make_cwd(spec.work_root)
 
         def start() -> subprocess.Popen[bytes]:
             return subprocess.Popen(
-                spec.command(request_r, reply_w),
-                pass_fds=(request_r, reply_w),
+                spec.command(request_r, reply_w, ring_fds),
+                pass_fds=(request_r, reply_w, *(ring_fds or ())),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -411,7 +431,7 @@ class Child:
         try:
             process = (spawner or _default_spawner).run(start)
         except OSError as exc:
-            for fd in (request_r, request_w, reply_r, reply_w):
+            for fd in (request_r, request_w, reply_r, reply_w, *(ring_fds or ())):
                 os.close(fd)
             shutil.rmtree(cwd, ignore_errors=True)
             why = (
@@ -441,6 +461,7 @@ class Child:
             cwd,
             restricted=restricted,
             on_output=on_output,
+            ring_fds=ring_fds,
         )
         apply_affinity(child.pid, spec.cpu_affinity)
         child._await_greeting()
@@ -630,7 +651,9 @@ class Child:
         on_progress: Callable[[dict[str, Any]], None] | None,
     ) -> dict[str, Any]:
         try:
-            channel.write_frame(self._request_fd, request, deadline=deadline)
+            channel.write_frame(
+                self._request_fd, request, deadline=deadline, ring=self._request_ring
+            )
         except (BrokenPipeError, ConnectionResetError):
             self._fail_dead(cmd)
         except TimeoutError:
@@ -657,6 +680,7 @@ class Child:
                     self._reply_fd,
                     deadline=deadline,
                     loads=self._loads,
+                    ring=self._reply_ring,
                     **self._max_frame,
                 )
             except channel.ChannelClosed:
@@ -839,7 +863,7 @@ class Child:
                 self._reaped = True
         for reader in self._readers:
             reader.join(timeout=1.0)
-        for fd in (self._request_fd, self._reply_fd, self._pidfd):
+        for fd in (self._request_fd, self._reply_fd, self._pidfd, *(self._ring_fds or ())):
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
