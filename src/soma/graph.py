@@ -24,6 +24,7 @@ from typing import Any, TypeGuard
 
 from soma.chain import walk
 from soma.context import is_running, running, seeded
+from soma.datastore import check_store_type
 from soma.errors import (
     CycleError,
     NodeNotFoundError,
@@ -732,15 +733,10 @@ class Graph:
 
         Only ``"local"`` (with ``path``) exists; local execution ignores the store.
         """
-        if store_type == "s3":
-            raise SomaConfigError("store type 's3' is not supported by this build")
-        if store_type != "local":
-            raise SomaConfigError(f"unknown store type: '{store_type}'. Available: local")
-        if not path:
-            raise SomaConfigError("local store requires 'path'")
+        root = check_store_type(store_type, path)
         self._data_store = {
             "type": "local",
-            "path": str(Path(path)),
+            "path": str(root),
             "cache_dir": None if cache_dir is None else str(Path(cache_dir)),
         }
 

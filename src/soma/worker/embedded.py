@@ -17,9 +17,9 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
-from pathlib import Path
 from types import TracebackType
 
+from soma.datastore import check_store_type
 from soma.errors import RemoteError, RemoteTimeoutError, SomaConfigError, SomaError
 from soma.worker.app import Serving, WorkerServer
 from soma.worker.config import embedded_config
@@ -141,13 +141,7 @@ class Worker:
         Same signature and errors as ``Graph.set_data_store``; the directory must exist.
         Takes effect at once on a serving worker.
         """
-        if store_type == "s3":
-            raise SomaConfigError("store type 's3' is not supported by this build")
-        if store_type != "local":
-            raise SomaConfigError(f"unknown store type: '{store_type}'. Available: local")
-        if not path:
-            raise SomaConfigError("local store requires 'path'")
-        root = Path(path).expanduser()
+        root = check_store_type(store_type, path).expanduser()
         if not root.is_dir():
             raise SomaConfigError(f"data store {str(path)!r} is not a directory")
         with self._lock:
