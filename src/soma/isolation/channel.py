@@ -74,6 +74,8 @@ _PIPE_MAX_SIZE = "/proc/sys/fs/pipe-max-size"
 # A buffer sent through a Ring has this bit set in its header length; its bytes in the
 # stream are one _RING_TOKEN per chunk.
 _IN_RING = 1 << 63
+# Frames without buffers up to this size are written with one os.write and read with os.read.
+_SMALL_FRAME = 64 << 10
 _RING_TOKEN = b"R"
 _RING_ACK = b"A"
 _RING_SLOTS = 2
@@ -111,18 +113,28 @@ def write_frame(
     before anything is written. With ``ring`` (whose reader passes its twin to
     ``read_frame``), buffers of at least 4 MiB travel through its shared memory.
     """
-    raw_buffers: list[memoryview] = []
-
-    def keep(buffer: pickle.PickleBuffer) -> None:
-        raw_buffers.append(buffer.raw())
-
+    pickle_buffers: list[pickle.PickleBuffer] = []
     if reducer_override is None:
-        payload: bytes | memoryview = pickle.dumps(msg, protocol=5, buffer_callback=keep)
+        payload: bytes | memoryview = pickle.dumps(msg, protocol=5, buffer_callback=pickle_buffers.append)
     else:
         stream = io.BytesIO()
-        _OverridingPickler(stream, keep, reducer_override).dump(msg)
-        payload = stream.getbuffer()
-    header = bytearray(_HEADER.pack(MAGIC, VERSION, memoryview(payload).nbytes, len(raw_buffers)))
+        _OverridingPickler(stream, pickle_buffers.append, reducer_override).dump(msg)
+        payload = stream.getvalue() if stream.tell() <= _SMALL_FRAME else stream.getbuffer()
+    payload_len = memoryview(payload).nbytes
+    if not pickle_buffers and payload_len <= _SMALL_FRAME:
+        # Most frames are small: one write of one bytes object, no view bookkeeping.
+        frame = _HEADER.pack(MAGIC, VERSION, payload_len, 0) + payload
+        try:
+            written = os.write(fd, frame)
+        except BlockingIOError:
+            written = 0
+        if written == len(frame):
+            return written
+        if deadline is not None and os.get_blocking(fd):
+            os.set_blocking(fd, False)
+        return written + _write_all(fd, [memoryview(frame)[written:]], deadline)
+    raw_buffers = [buffer.raw() for buffer in pickle_buffers]
+    header = bytearray(_HEADER.pack(MAGIC, VERSION, payload_len, len(raw_buffers)))
     in_ring = [ring is not None and view.nbytes >= _LARGE_BUFFER for view in raw_buffers]
     for view, flagged in zip(raw_buffers, in_ring):
         header += _LENGTH.pack(view.nbytes | _IN_RING if flagged else view.nbytes)
@@ -198,8 +210,7 @@ def read_frame(
     """
     if os.get_blocking(fd):
         os.set_blocking(fd, False)
-    header = bytearray(_HEADER.size)
-    _read_exact(fd, [memoryview(header)], deadline, at_boundary=True)
+    header = _read_bytes(fd, _HEADER.size, deadline, at_boundary=True)
     magic, version, payload_len, count = _HEADER.unpack(header)
     if magic != MAGIC:
         raise FrameError(f"bad frame magic {bytes(magic)!r}, expected {MAGIC!r}")
@@ -209,6 +220,11 @@ def read_frame(
         raise FrameError(f"frame declares {count} buffers, more than the limit of {MAX_BUFFERS}")
     if payload_len > max_frame:
         raise FrameError(f"frame payload of {payload_len} bytes exceeds the limit of {max_frame}")
+    if not count and payload_len <= _SMALL_FRAME:
+        payload_bytes = _read_bytes(fd, payload_len, deadline)
+        if loads is None:
+            return pickle.loads(payload_bytes)
+        return loads(payload_bytes, [])
     lengths: tuple[int, ...] = ()
     flags: tuple[bool, ...] = ()
     if count:
@@ -413,6 +429,25 @@ class Ring:
                 os.write(self.ack_fd, _RING_ACK)
             except BrokenPipeError as exc:
                 raise ChannelClosed("channel closed by the other end during a shared-memory transfer") from exc
+
+
+def _read_bytes(fd: int, size: int, deadline: float | None, *, at_boundary: bool = False) -> bytes | bytearray:
+    """Read exactly ``size`` (small) bytes: one ``os.read`` when they are there, as they usually are."""
+    try:
+        data = os.read(fd, size)
+    except BlockingIOError:
+        data = b""
+    else:
+        if len(data) == size:
+            return data
+        if not data and size:
+            if at_boundary:
+                raise ChannelClosed("channel closed by the other end")
+            raise ChannelClosed(f"channel closed inside a frame (0 of {size} bytes of a section read)")
+    buffer = bytearray(size)
+    buffer[: len(data)] = data
+    _read_exact(fd, [memoryview(buffer)[len(data) :]], deadline, at_boundary=at_boundary and not data)
+    return buffer
 
 
 def _read_exact(fd: int, views: list[memoryview], deadline: float | None, *, at_boundary: bool = False) -> None:
