@@ -9,9 +9,13 @@ All integers are little-endian. Out-of-band buffers (numpy arrays, tensor bytes)
 never copied into the payload: the writer hands their memory to ``os.writev`` and the
 reader fills one pre-sized buffer per array, so an array costs one copy per side and
 arrives writable. Small buffers arrive as ``bytearray``; large ones as a
-``pickle.PickleBuffer`` over an anonymous map, faulted in up front or reused warm once
+``pickle.PickleBuffer`` over an anonymous map, backed by huge pages or reused warm once
 its previous values are gone (first-touch page faults otherwise halve the reader's
 speed); it still pickles, out of band, when a parent relays it to another channel.
+
+A pipe moves under 1 GB/s, so a channel may add a ``Ring`` per direction: buffers of
+4 MiB or more then cross a small shared-memory ring chunk by chunk, and their header
+length carries bit 63 with one token byte per chunk in the stream instead of the bytes.
 
 Waking a process blocked in ``poll`` costs tens of microseconds each way, which
 dominates small calls, so a reader first spins on a zero-timeout ``poll`` for at most
