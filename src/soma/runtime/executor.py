@@ -165,12 +165,11 @@ class NodeRecord:
         Raises ``Unhashable``. Parameters made only of immutable scalars are compared
         with the previous run's and their digest reused while unchanged.
         """
-        params = params_of(self.filter)
-        snapshot = _scalar_snapshot(params)
+        snapshot = _scalar_snapshot(self.filter)
         memo = self._params_memo
         if memo is not None and snapshot is not None and memo[0] == snapshot:
             return memo[1]
-        digest = content(params)
+        digest = content(params_of(self.filter))
         if snapshot is not None:
             self._params_memo = (snapshot, digest)
         return digest
@@ -210,14 +209,23 @@ _KEY_MEMO_LIMIT = 256
 _SCALARS = frozenset({type(None), bool, int, str, bytes})
 
 
-def _scalar_snapshot(params: dict[str, Any]) -> tuple[Any, ...] | None:
-    """A comparable image of parameters holding only immutable scalars, else ``None``.
+def _scalar_snapshot(filter_obj: Any) -> tuple[Any, ...] | None:
+    """A comparable image of ``params_of(filter_obj)`` when it holds only immutable scalars, else ``None``.
 
     Types are part of it (``1 == 1.0 == True`` must not match) and floats are compared
-    by ``float.hex`` (``0.0 == -0.0`` must not match either).
+    by ``float.hex`` (``0.0 == -0.0`` must not match either). It reads the instance
+    ``__dict__`` in place, applying ``params_of``'s rule (public str names), so that
+    an unchanged filter costs no copy of its parameters at each run.
     """
+    values = getattr(filter_obj, "__dict__", None)
+    if not values:
+        return ()  # no instance attributes: no parameters
+    if type(values) is not dict:
+        return None
     items: list[tuple[str, type, Any]] = []
-    for name, value in params.items():
+    for name, value in values.items():
+        if not isinstance(name, str) or name.startswith("_"):
+            continue
         kind = type(value)
         if kind is float:
             items.append((name, kind, value.hex()))
@@ -334,12 +342,21 @@ class InProcessRunner:
             raise self._error("update", node_id, exc) from exc
 
 
-def default_runners() -> dict[str, RunnerFactory]:
-    """The runner factories available in this process, by runner kind."""
-    # Imported here: the subprocess runner imports this module for RunnerSpec.
+def _subprocess_runner(spec: RunnerSpec) -> NodeRunner:
+    """Open a ``SubprocessRunner``, imported only when a node runs in a child.
+
+    The import pulls in the child pool and process machinery (~90 ms), which a
+    process that never isolates a node should not pay on its first run; it is also
+    circular at module level (the subprocess runner imports ``RunnerSpec`` from here).
+    """
     from soma.runtime.subprocess_runner import SubprocessRunner
 
-    return {"local": InProcessRunner, "subprocess": SubprocessRunner}
+    return SubprocessRunner(spec)
+
+
+def default_runners() -> dict[str, RunnerFactory]:
+    """The runner factories available in this process, by runner kind."""
+    return {"local": InProcessRunner, "subprocess": _subprocess_runner}
 
 
 @dataclass(frozen=True)
@@ -461,14 +478,17 @@ class KeyBook:
 
     def params(self, nid: str) -> bytes | None:
         """``content`` of the node's current parameters (read at each run), ``None`` if unhashable."""
-        if nid not in self._params:
+        if nid in self._params:
+            digest = self._params[nid]
+        else:
             try:
-                self._params[nid] = self._nodes[nid].params_content()
+                digest = self._nodes[nid].params_content()
             except Unhashable:
-                self._params[nid] = None
-        if self._params[nid] is None:
+                digest = None
+            self._params[nid] = digest
+        if digest is None:
             self.reasons.setdefault(nid, "its parameters cannot be hashed")
-        return self._params[nid]
+        return digest
 
     def ref(self, pid: str, outputs: Mapping[str, Any]) -> Any:
         """``out_key(p)`` for a cacheable p with a defined key, else ``content`` of p's actual output."""
@@ -493,14 +513,16 @@ class KeyBook:
             key: Any = self._run_data("x", nid)
             self.in_keys[nid] = key
             return key
-        refs = [(p, self.ref(p, outputs)) for p in preds]
-        for pred, ref in refs:
+        refs: list[tuple[str, bytes | str]] = []
+        for pred in preds:
+            ref = self.ref(pred, outputs)
             if ref is _UNKNOWN:
                 return _UNKNOWN
             if ref is None:
                 self.reasons.setdefault(nid, f"the output of `{pred}` cannot be hashed")
                 self.in_keys[nid] = None
                 return None
+            refs.append((pred, ref))
         key = refs[0][1] if len(refs) == 1 else fanin_key(refs)
         self.in_keys[nid] = key
         return key
@@ -712,21 +734,18 @@ class Run:
 
     # -- runners --------------------------------------------------------------------
 
-    def _runner_kind(self, node: NodeRecord) -> str:
-        kind = (
-            "subprocess"
-            if node.target == "subprocess" or self.isolation == "subprocess"
-            else "local"
-        )
-        return kind if kind in self.runner_factories else "local"
-
     def _open_runners(self, stack: contextlib.ExitStack) -> None:
         """Open one runner per runner kind and one remote runner per target, for their nodes."""
         in_remote = {nid for ids in self.facts.remote.values() for nid in ids}
+        isolated = self.isolation == "subprocess"
         local_nodes: dict[str, list[str]] = {}
         for nid in self.shape.order:
-            if nid not in in_remote:
-                local_nodes.setdefault(self._runner_kind(self.nodes[nid]), []).append(nid)
+            if nid in in_remote:
+                continue
+            kind = "subprocess" if isolated or self.nodes[nid].target == "subprocess" else "local"
+            if kind not in self.runner_factories:
+                kind = "local"
+            local_nodes.setdefault(kind, []).append(nid)
         for kind, ids in local_nodes.items():
             runner = stack.enter_context(self.runner_factories[kind](self._spec(ids)))
             self._node_runners.update(dict.fromkeys(ids, runner))
@@ -765,7 +784,11 @@ class Run:
             self._node(step.node_id)
         elif isinstance(step, Sequence):
             for child in step.steps:
-                self._step(child)
+                # Most children are single nodes: dispatched here, one call fewer per node.
+                if type(child) is Execute:
+                    self._node(child.node_id)
+                else:
+                    self._step(child)
         elif isinstance(step, Parallel):
             self._parallel(step.branches)
         elif isinstance(step, Composite):
@@ -944,7 +967,7 @@ class Run:
     def _lookup(self, nid: str, key: str, what: str) -> CacheHit | None:
         assert self.cache is not None
         found = self.cache.lookup(key)
-        if found is not None:
+        if found is not None and self.hub.active:
             self._emit(ev.node_cache_hit, nid, key, found.tier, what, found.load_time_ms)
         return found
 
