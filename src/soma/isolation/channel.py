@@ -9,7 +9,7 @@ All integers are little-endian. Out-of-band buffers (numpy arrays, tensor bytes)
 never copied into the payload: the writer hands their memory to ``os.writev`` and the
 reader fills one pre-sized buffer per array, so an array costs one copy per side and
 arrives writable. Small buffers arrive as ``bytearray``; large ones as a
-``pickle.PickleBuffer`` over an anonymous map, backed by huge pages or reused warm once
+``pickle.PickleBuffer`` over an anonymous map, faulted in up front or reused warm once
 its previous values are gone (first-touch page faults otherwise halve the reader's
 speed); it still pickles, out of band, when a parent relays it to another channel.
 
@@ -69,7 +69,6 @@ _IOV_MAX = 1024
 # Buffers at least this large are read into pre-faulted, reused anonymous maps (_ReceivePool).
 _LARGE_BUFFER = 4 << 20
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 _POOL_BYTES = 1 << 30
 _POOL_IDLE_SECONDS = 10.0
 _F_SETPIPE_SZ = 1031
@@ -292,7 +291,7 @@ class _ReceivePool:
                 buffer, used = min(free, key=lambda entry: len(entry[0]))
                 used[0] = now
                 return pickle.PickleBuffer(memoryview(buffer)[:size] if len(buffer) != size else buffer)
-            buffer = _fresh_map(size)
+            buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_POPULATE)
             if size <= _POOL_BYTES:
                 cls._release(now, keep=_POOL_BYTES - size)
                 if sum(len(entry[0]) for entry in cls.maps) + size <= _POOL_BYTES:
@@ -321,19 +320,6 @@ class _ReceivePool:
     @staticmethod
     def _is_free(entry: tuple[mmap.mmap, list[float]]) -> bool:
         return sys.getrefcount(entry[0]) == _FREE_REFS
-
-
-def _fresh_map(size: int) -> mmap.mmap:
-    """An anonymous map whose first touch is cheap: transparent huge pages where offered, else populated."""
-    if _MADV_HUGEPAGE is not None:
-        buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        try:
-            # One fault per 2 MiB instead of per 4 KiB: fresh memory fills about 3x faster.
-            buffer.madvise(_MADV_HUGEPAGE)
-            return buffer
-        except OSError:
-            buffer.close()
-    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_POPULATE)
 
 
 def _free_refs() -> int:
