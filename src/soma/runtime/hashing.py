@@ -430,12 +430,17 @@ def content(value: Any) -> bytes:
         Unhashable: for a reference cycle, nesting too deep to walk, or a value that
             neither pickle nor cloudpickle can serialise.
     """
+    if value is None:  # the y of every unsupervised fit: skip building an encoder
+        return _NONE_DIGEST
     encoder = _Encoder()
     try:
         encoder.encode(value)
     except RecursionError as exc:
         raise Unhashable("value is nested too deeply to hash") from exc
     return hashlib.sha256(encoder.out).digest()
+
+
+_NONE_DIGEST = hashlib.sha256(b"N").digest()  # the encoding of None is its tag alone
 
 
 def _buffer_digest(buffer: Any) -> bytes:
