@@ -293,17 +293,9 @@ def _carried(client: RemoteClient, value: Any, threshold: int) -> Any:
 def measured(value: Any) -> tuple[int, list[bytes | memoryview]]:
     """The encoded size of ``value`` (``v2.encoded_size``, the §4.5 measure) and its upload frame.
 
-    Packing is done once: without out-of-band buffers the frame is a fixed envelope
-    around the packed value, so the size follows from the frame's length; with buffers
-    (arrays, tensors) measuring apart costs nothing.
+    Packing is done once (``v2.measure_value_frame``).
     """
-    parts = v2.encode_value_frame_parts(value)
-    if len(parts) == 1:
-        return len(parts[0]) - _FRAME_OVERHEAD, parts
-    return v2.encoded_size(value), parts
-
-
-_FRAME_OVERHEAD = len(v2.encode_value_frame(None)) - v2.encoded_size(None)
+    return v2.measure_value_frame(value)
 
 
 def _fetched(client: RemoteClient, value: Any) -> Any:

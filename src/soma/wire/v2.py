@@ -66,6 +66,7 @@ __all__ = [
     "encode_value_frame",
     "encode_value_frame_parts",
     "encoded_size",
+    "measure_value_frame",
     "read_head",
 ]
 
@@ -315,7 +316,7 @@ def encode_frame(message: Request | Reply) -> bytes:
 
 def encode_value_frame_parts(value: Any) -> list[Part]:
     """One value as an upload/download frame (§4.3): envelope ``{v, type: "Value", value}``."""
-    return _assemble({"v": WIRE_VERSION, "type": "Value", "value": value})
+    return _assemble({**dict(_VALUE_HEAD), "value": value})
 
 
 def encode_value_frame(value: Any) -> bytes:
@@ -330,14 +331,34 @@ def encoded_size(value: Any) -> int:
     return len(packed) + sum(view.nbytes for view in encoder.buffers)
 
 
+def measure_value_frame(value: Any) -> tuple[int, list[Part]]:
+    """``(encoded_size(value), encode_value_frame_parts(value))``, packing ``value`` once.
+
+    Deciding between inline and upload needs the size, and the upload needs the frame:
+    packing a large list twice would double the cost of sending it.
+    """
+    encoder = _Encoder()
+    packed = encoder.pack(value)
+    size = len(packed) + sum(view.nbytes for view in encoder.buffers)
+    pairs = b"".join(encoder.pack(key) + encoder.pack(item) for key, item in _VALUE_HEAD) + encoder.pack("value")
+    return size, _framed(len(_VALUE_HEAD) + 1, pairs + packed, encoder.buffers)
+
+
+_VALUE_HEAD = (("v", WIRE_VERSION), ("type", "Value"))
+
+
 def _assemble(envelope: dict[str, Any]) -> list[Part]:
     encoder = _Encoder()
     pairs = b"".join(encoder.pack(key) + encoder.pack(value) for key, value in envelope.items())
-    buffers = encoder.buffers
+    return _framed(len(envelope), pairs, encoder.buffers)
+
+
+def _framed(count: int, pairs: bytes, buffers: list[memoryview]) -> list[Part]:
+    """The frame of an envelope of ``count`` packed ``pairs`` whose values point into ``buffers``."""
     if not buffers:
-        packed = msgpack.Packer().pack_map_header(len(envelope)) + pairs
+        packed = msgpack.Packer().pack_map_header(count) + pairs
         return [_HEADER.pack(MAGIC, WIRE_VERSION, 0, 0, len(packed)) + packed]
-    prefix = msgpack.Packer().pack_map_header(len(envelope) + 1) + pairs + msgpack.packb("buffers")
+    prefix = msgpack.Packer().pack_map_header(count + 1) + pairs + msgpack.packb("buffers")
     start = _align(_HEADER.size + len(prefix) + 16)
     while True:  # the offsets' encoded width feeds back into where the first buffer starts
         offsets, position = [], start

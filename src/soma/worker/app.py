@@ -1,7 +1,8 @@
 """The life of one worker process (worker spec §2.3, §6.12), shared by ``soma-worker`` and ``soma.Worker``.
 
-    detect (<= 15 s) ─▶ effective caps ─▶ app setup: store (lock, sweep), memory watch, pool, executor
-        ─▶ bind (failure: BindError "cannot bind <host>:<port>: <reason>") ─▶ summary log ─▶ prewarm
+    detect CPUs, RAM, GPUs ─▶ effective caps ─▶ app setup: store (lock, sweep), memory watch, pool, executor
+        ─▶ bind (failure: BindError "cannot bind <host>:<port>: <reason>") ─▶ /health answers
+        ─▶ interpreter probes done (<= 15 s, started with detection) ─▶ summary log ─▶ prewarm
         ─▶ serve until SIGINT/SIGTERM, ``stop()`` or an accepted ``Shutdown``
         ─▶ drain: /health 503, new requests ``shutting_down``, running ones get ``drain_s``
         ─▶ connections closed (1001) ─▶ app cleanup (executor, children, watch, store lock)
@@ -25,7 +26,7 @@ from aiohttp import WSCloseCode, web
 from soma.errors import SomaError
 from soma.log import access_logger, worker_logger
 from soma.worker.config import WorkerConfig
-from soma.worker.detect import Detected, detect, effective
+from soma.worker.detect import Detected, detect_machine, detect_python_envs, effective
 from soma.worker.server import STATE, ExecutorFactory, MaskingAccessLogger, WorkerState, build_app, soma_version
 
 __all__ = ["BindError", "Serving", "WorkerServer"]
@@ -78,7 +79,7 @@ class WorkerServer:
     ) -> None:
         self.config = config
         self._executor_factory = executor_factory
-        self._detector = detector or (lambda cfg: detect(python=cfg.python))
+        self._detector = detector
         self._runner: web.AppRunner | None = None
         self._stop_requested = asyncio.Event()
         self._drain_s: float | None = None
@@ -94,10 +95,18 @@ class WorkerServer:
         dir owned by another worker; nothing is left running after a failure.
         """
         config = self.config
-        detected = await asyncio.wait_for(asyncio.to_thread(self._detector, config), timeout=30.0)
+        python_envs: asyncio.Future[tuple[str, ...]] | None = None
+        if self._detector is not None:
+            detected = await asyncio.wait_for(asyncio.to_thread(self._detector, config), timeout=30.0)
+        else:
+            # Interpreter probes run programs (slow): they go on while the worker binds, and
+            # whatever reports capabilities waits for them (WorkerState.settled).
+            python_envs = asyncio.ensure_future(asyncio.to_thread(detect_python_envs, python=config.python))
+            detected = await asyncio.wait_for(asyncio.to_thread(detect_machine), timeout=30.0)
         caps = effective(detected, cpus=config.cpus, memory=config.memory, gpus=config.gpus, tags=config.tags)
         app = build_app(config, effective=caps, on_shutdown=self.request_stop, executor_factory=self._executor_factory)
         self.state = app[STATE]
+        self.state.python_envs = python_envs
         runner = web.AppRunner(
             app,
             access_log=access_logger,
@@ -120,6 +129,8 @@ class WorkerServer:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise BindError(f"cannot bind {config.host}:{config.port}: {reason}") from exc
         port = _bound_port(runner, config.port)
+        await self.state.settled()
+        caps = self.state.effective
         self.serving = Serving(host=config.host, port=port, worker_id=config.worker_id, summary=caps.summary())
         self._log_started(self.serving)
         # §2.3 step 6: children are warm before the worker reports itself ready (it already

@@ -147,6 +147,8 @@ class Host(Protocol):
     @property
     def shutdown_allowed(self) -> bool: ...
 
+    async def settled(self) -> None: ...
+
     def capabilities(self) -> Capabilities: ...
 
     def load(self) -> LoadMetrics: ...
@@ -519,6 +521,7 @@ class Connection:
             )
         match message:
             case Hello():
+                await host.settled()
                 return Welcome(
                     worker_id=host.worker_id,
                     protocols=list(PROTOCOLS),
@@ -558,6 +561,7 @@ class Connection:
 
     async def _status(self) -> Reply:
         host = self.host
+        await host.settled()
         load = await asyncio.to_thread(host.load)
         if self.dialect == "v1":
             return Register(worker_id=host.worker_id, capabilities=host.capabilities(), load=load)

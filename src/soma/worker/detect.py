@@ -1,6 +1,8 @@
 """What this machine offers (worker spec §3.1–§3.2) and how busy it is (``LoadMetrics``, §5.2).
 
     detect(python=...)                    -> Detected    once at startup; probes in parallel, <= 15 s
+    detect_machine() / detect_python_envs()              the same probes in two halves (the worker
+                                                         binds between them: interpreters are slow)
     effective(detected, cpus=, memory=,
               gpus=, tags=)               -> Effective   the flags' caps applied
     Effective.capabilities()              -> the wire ``Capabilities`` dict, exactly its five keys
@@ -41,6 +43,8 @@ __all__ = [
     "detect",
     "detect_cpus",
     "detect_gpus",
+    "detect_machine",
+    "detect_python_envs",
     "detect_pythons",
     "detect_ram",
     "effective",
@@ -390,21 +394,69 @@ def detect(
     psutil's total RAM, no GPUs, no interpreter entry) and a WARNING is logged. Blocking:
     call it from a thread (``asyncio.to_thread``) inside an event loop.
     """
-    candidates = _candidate_interpreters(python, search_path)
+    return _probe(
+        machine=True,
+        python=python,
+        nvidia_smi=nvidia_smi,
+        use_nvml=use_nvml,
+        environ=environ,
+        search_path=search_path,
+        conda=conda,
+        deadline=deadline,
+    )
+
+
+def detect_machine(
+    *,
+    nvidia_smi: str = "nvidia-smi",
+    use_nvml: bool = True,
+    environ: Mapping[str, str] | None = None,
+    deadline: float = DETECTION_DEADLINE_S,
+) -> Detected:
+    """The CPU, RAM and GPU probes of ``detect`` alone (``python_envs`` left empty)."""
+    return _probe(
+        machine=True, python=None, nvidia_smi=nvidia_smi, use_nvml=use_nvml, environ=environ, deadline=deadline
+    )
+
+
+def detect_python_envs(
+    *,
+    python: str = sys.executable,
+    search_path: str | None = None,
+    conda: str = "conda",
+    deadline: float = DETECTION_DEADLINE_S,
+) -> tuple[str, ...]:
+    """The interpreter probes of ``detect`` alone: the slow ones, each runs a program."""
+    return _probe(machine=False, python=python, search_path=search_path, conda=conda, deadline=deadline).python_envs
+
+
+def _probe(
+    *,
+    machine: bool,
+    python: str | None,
+    nvidia_smi: str = "nvidia-smi",
+    use_nvml: bool = True,
+    environ: Mapping[str, str] | None = None,
+    search_path: str | None = None,
+    conda: str = "conda",
+    deadline: float,
+) -> Detected:
+    """Run the machine probes (if ``machine``) and the interpreter probes (if ``python``) in parallel."""
+    candidates = _candidate_interpreters(python, search_path) if python is not None else []
     pool = ThreadPoolExecutor(max_workers=4 + len(candidates), thread_name_prefix="soma-detect")
     try:
-        cpus = pool.submit(detect_cpus)
-        ram = pool.submit(detect_ram)
-        gpus = pool.submit(detect_gpus, nvidia_smi=nvidia_smi, use_nvml=use_nvml, environ=environ)
+        cpus = pool.submit(detect_cpus) if machine else None
+        ram = pool.submit(detect_ram) if machine else None
+        gpus = pool.submit(detect_gpus, nvidia_smi=nvidia_smi, use_nvml=use_nvml, environ=environ) if machine else None
         versions = [pool.submit(_python_version, executable, 5.0) for executable in candidates]
-        conda_envs = pool.submit(_conda_envs, conda, 10.0)
-        all_futures: list[Future[Any]] = [cpus, ram, gpus, conda_envs, *versions]
+        conda_envs = pool.submit(_conda_envs, conda, 10.0) if python is not None else None
+        all_futures: list[Future[Any]] = [f for f in (cpus, ram, gpus, conda_envs) if f is not None] + versions
         _, pending = wait_futures(all_futures, timeout=deadline)
         if pending:
             worker_logger.warning("capability detection: %d probe(s) exceeded %.0f s", len(pending), deadline)
 
-        def result(future: Future[Any], fallback: Callable[[], Any]) -> Any:
-            return future.result() if future.done() else fallback()
+        def result(future: Future[Any] | None, fallback: Callable[[], Any]) -> Any:
+            return future.result() if future is not None and future.done() else fallback()
 
         return Detected(
             cpu_cores=result(cpus, lambda: os.cpu_count() or 1),

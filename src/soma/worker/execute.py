@@ -92,6 +92,8 @@ _CANCEL_GRACE_S = 0.5
 """How long a cancelled plan may take to report its own ``cancelled`` failure before one is sent for it."""
 
 _CLOSE_WAIT_S = 5.0
+_RETURN_WAIT_S = 1.0
+"""How long a plan waits for a child being reset before the pool spawns another."""
 _FIT = "fit"
 _FORWARD = "forward"
 
@@ -485,6 +487,8 @@ class PlanExecutor:
             max_workers=2 * config.max_concurrent + 4, thread_name_prefix="soma-exec"
         )
         self._runs: dict[tuple[int, str], _PlanRun] = {}
+        # Children being reset for the pool after their plan answered, by pool key.
+        self._returning: dict[tuple[Any, ...], set[asyncio.Future[None]]] = {}
         self._sessions: dict[tuple[int, str], _Session] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -536,12 +540,15 @@ class PlanExecutor:
         self._runs[key] = run
         task = self._spawn(run.execute())
         try:
-            await asyncio.wait({task, run.cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            # ``answered`` comes before the task ends when the child is reset for the pool after the reply.
+            await asyncio.wait({task, run.answered, run.cancelled}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             run.cancel("the request was abandoned")
             raise
         finally:
             self._runs.pop(key, None)
+        if run.answered.done():
+            return run.answered.result()
         if task.done():
             return task.result()
         return run.cancelled_reply()
@@ -703,6 +710,26 @@ class PlanExecutor:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._io, functools.partial(fn, *args, **kwargs))
 
+    async def _returned(self, key: tuple[Any, ...]) -> None:
+        """Wait (briefly) for children of ``key`` still being reset: reusing one beats spawning one."""
+        returning = self._returning.get(key)
+        if returning:
+            await asyncio.wait(returning, timeout=_RETURN_WAIT_S)
+
+    async def _give_back(self, key: tuple[Any, ...], checkout: Any) -> None:
+        """Leave ``checkout`` (the pool resets the child, or discards it) on a thread."""
+        loop = asyncio.get_running_loop()
+        returning = loop.run_in_executor(self._io, functools.partial(checkout.__exit__, None, None, None))
+        self._returning.setdefault(key, set()).add(returning)
+        try:
+            await returning
+        finally:
+            waiting = self._returning.get(key)
+            if waiting is not None:
+                waiting.discard(returning)
+                if not waiting:
+                    del self._returning[key]
+
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -743,10 +770,12 @@ class PlanExecutor:
                 if len(body) < threshold:
                     return value
                 return LocalRef(path=str(self._store.path_for(self._store.put_bytes(body, ".json"))))
-            if v2.encoded_size(value) < threshold:
+            size, parts = v2.measure_value_frame(value)
+            if size < threshold:
                 return value
-            frame = v2.encode_value_frame(value)
-            return CachedRef(cache_key=self._store.put_bytes(frame, ".soma"), size=len(frame))
+            # Stored part by part: arrays are never joined into one copy of the frame.
+            key = self._store.put_parts(parts, ".soma")
+            return CachedRef(cache_key=key, size=sum(memoryview(part).nbytes for part in parts))
         except WireError as exc:
             raise _Failed(_info(exc.code, exc.message)) from None
         except StoreError as exc:
@@ -944,10 +973,19 @@ class _Pins:
             raise _Failed(_info(exc.code, f"{what}: {exc}")) from None
         if stored.key is not None:
             self._pins.append(self._store.pin(stored.key))
+            if stored.kind == "soma":
+                value = self._store.recent.get(stored.key, _NOT_KEPT)
+                if value is not _NOT_KEPT:
+                    return value
         try:
             return _decode_stored(stored)
         except (WireError, ValueError, OSError, msgpack.UnpackException) as exc:
             raise _Failed(_info("encoding_error", f"{what}: cannot decode {stored.path}: {exc}")) from None
+
+
+_NOT_KEPT = object()
+_REFERENCES = (InlineRef, LocalRef, CachedRef, S3Ref, ZarrRef, StreamRef)
+"""What ``_Pins.resolve`` turns into values; anything else passes through unchanged."""
 
 
 def _decode_stored(stored: StoredValue) -> Any:
@@ -987,9 +1025,11 @@ class _PlanRun:
         self._received = received
         self._loop = asyncio.get_running_loop()
         self.cancelled: asyncio.Future[None] = self._loop.create_future()
+        self.answered: asyncio.Future[Reply] = self._loop.create_future()
         self.cancel_reason: str | None = None
         self.running = False
         self._acquiring: asyncio.Task[Any] | None = None
+        self._slot: Permit | None = None
         self._grace: asyncio.TimerHandle | None = None
         self._deadline = math.inf
         self._started = received
@@ -1040,14 +1080,22 @@ class _PlanRun:
         try:
             if self.session is not None:
                 async with self._ex._using(self.session):
-                    return await self._execute_in_session(self.session)
-            return await self._execute_with_slot()
+                    reply = await self._execute_in_session(self.session)
+            else:
+                reply = await self._execute_with_slot()
         except Exception as exc:  # a bug here must still give the plan its one terminal reply
             worker_logger.exception("plan %s: the executor failed", self.plan_id)
-            return self._failure_reply(_info("internal", f"the worker failed: {type(exc).__name__}: {exc}"))
+            reply = self._failure_reply(_info("internal", f"the worker failed: {type(exc).__name__}: {exc}"))
         finally:
             if self._grace is not None:
                 self._grace.cancel()
+        self._answer(reply)
+        return reply
+
+    def _answer(self, reply: Reply) -> None:
+        """Hand ``reply`` to ``run_plan`` (the first answer wins)."""
+        if not self.answered.done():
+            self.answered.set_result(reply)
 
     async def _execute_with_slot(self) -> Reply:
         ex = self._ex
@@ -1069,6 +1117,7 @@ class _PlanRun:
             finally:
                 self._acquiring = None
             self._begin()
+            self._slot = permit
             reply, pinned = await self._run_pooled(lease)
             if pinned is not None:
                 ex._open_session((id(self.conn), self.plan_id), pinned, permit, lease, self.spec)
@@ -1090,36 +1139,49 @@ class _PlanRun:
         ex = self._ex
         resources = self.spec.resources
         devices = lease.devices if lease is not None else (() if resources.gpus == 0 else None)
-        checkout = ex._pool.checkout(ex.child_spec(threads=resources.threads, gpus=devices, memory=resources.memory))
+        child_spec = ex.child_spec(threads=resources.threads, gpus=devices, memory=resources.memory)
+        checkout = ex._pool.checkout(child_spec)
         entered = False
         pinned: Child | None = None
         try:
-            await self._resolve_references()
-            self._check_cancel()
-            if self.spec.order:
-                self.child = await ex._blocking(checkout.__enter__)
-                entered = True
-                if self.cancel_reason is not None:
-                    self.child.kill("cancelled", detail=self.cancel_reason)
+            try:
+                await self._resolve_references()
                 self._check_cancel()
-                self._attach_child()
-                await self._load()
-            reply = await self._walk_and_reply()
-            if self.spec.keep and self.child is not None and self.child.alive:
-                ex._pool.pin(self.child)
-                pinned = self.child
+                if self.spec.order:
+                    await ex._returned(child_spec.pool_key)
+                    self.child = await ex._blocking(checkout.__enter__)
+                    entered = True
+                    if self.cancel_reason is not None:
+                        self.child.kill("cancelled", detail=self.cancel_reason)
+                    self._check_cancel()
+                    self._attach_child()
+                    await self._load()
+                reply = await self._walk_and_reply()
+                if self.spec.keep and self.child is not None and self.child.alive:
+                    ex._pool.pin(self.child)
+                    pinned = self.child
+            except _Failed as failed:
+                reply = self._failure_reply(failed.info)
+            except ChildFailure as failure:  # no child could be started
+                reply = self._failure_reply(self._child_failure(failure, None))
+            except SomaError as exc:  # the pool was closed under the plan
+                reply = self._failure_reply(_info("shutting_down", str(exc)))
+            self._pins.release()
+            self._observe()
+            if pinned is None:
+                # The client gets its answer, and the slot is free, before the child is reset for
+                # the pool (a LOAD that collects the child's garbage: tens of ms). A plan that
+                # checks out meanwhile waits for the child rather than spawning another
+                # (PlanExecutor._returned); GPUs stay leased until the child has let them go.
+                self._answer(reply)
+                if self._slot is not None:
+                    self._slot.release()
             return reply, pinned
-        except _Failed as failed:
-            return self._failure_reply(failed.info), None
-        except ChildFailure as failure:  # no child could be started
-            return self._failure_reply(self._child_failure(failure, None)), None
-        except SomaError as exc:  # the pool was closed under the plan
-            return self._failure_reply(_info("shutting_down", str(exc))), None
         finally:
             self._pins.release()
             if entered:
                 self._detach_child()
-                await ex._blocking(checkout.__exit__, None, None, None)
+                await ex._give_back(child_spec.pool_key, checkout)
             self._observe()
 
     async def _execute_in_session(self, session: _Session) -> Reply:
@@ -1147,7 +1209,9 @@ class _PlanRun:
             self._observe()
 
     def _observe(self) -> None:
+        """Record the plan's duration once, when it has its reply."""
         if self.running:
+            self.running = False
             self._ex._observe_plan(time.monotonic() - self._started)
 
     def _attach_child(self) -> None:
@@ -1171,16 +1235,24 @@ class _PlanRun:
     # -- preparation ---------------------------------------------------------------------------
 
     async def _resolve_references(self) -> None:
-        ex = self._ex
         plan = self.spec.plan
-        self._input = await ex._blocking(self._pins.resolve, plan.input, "input")
+        values = [plan.input, self.spec.y, *plan.external.values(), *(f.state for f in self.spec.filters.values())]
+        if any(isinstance(value, _REFERENCES) for value in values):
+            await self._ex._blocking(self._resolve_all)  # file I/O: one thread hop for all of them
+        else:
+            self._resolve_all()  # inline values only: a thread hop would cost more than the work
+
+    def _resolve_all(self) -> None:
+        plan = self.spec.plan
+        resolve = self._pins.resolve
+        self._input = resolve(plan.input, "input")
         if self.spec.fit:
-            self._y = await ex._blocking(self._pins.resolve, self.spec.y, "y")
+            self._y = resolve(self.spec.y, "y")
         for pred, value in plan.external.items() if self.spec.dialect == "v2" else ():
-            self._external[pred] = await ex._blocking(self._pins.resolve, value, f"external output of `{pred}`")
+            self._external[pred] = resolve(value, f"external output of `{pred}`")
         for node_id, f in self.spec.filters.items():
             if f.state is not None:
-                state = await ex._blocking(self._pins.resolve, f.state, f"state of `{node_id}`")
+                state = resolve(f.state, f"state of `{node_id}`")
                 if state is not None:
                     self._given[node_id] = state
 

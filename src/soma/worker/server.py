@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
-import os
 import platform
 import re
 import shutil
@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import msgpack
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
+from aiohttp.abc import AbstractAccessLogger, AbstractStreamWriter
 
 from soma.errors import SomaConfigError
 from soma.isolation.limits import MemoryWatch
@@ -47,7 +47,7 @@ from soma.worker.connection import PING_INTERVAL_S, SUBPROTOCOL_V2, Connection, 
 from soma.worker.detect import Effective, LoadMeter
 from soma.worker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from soma.worker.metrics import WorkerMetrics
-from soma.worker.store import BadRequest, Store, StoredValue, StoreError
+from soma.worker.store import BadRequest, Store, StoredValue, StoreError, Upload
 
 __all__ = [
     "MEMORY_WATCH_FRACTION",
@@ -75,6 +75,8 @@ MEMORY_WATCH_FRACTION = 0.9
 QUERY_TOKEN_WARNING_S = 3600.0
 AUTH_FAILURE_WARNING_S = 60.0
 _CHUNK = 1 << 20
+_RECEIVE_WINDOW = 8 << 20
+_WRITE_STEP = 8 << 20
 _TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&#]*", re.IGNORECASE)
 
 
@@ -136,12 +138,24 @@ class WorkerState:
     executor: Executor | None = None
     connections: set[Connection] = field(default_factory=set)
     on_shutdown: Callable[[float | None, str | None], None] | None = None
+    #: Interpreter probes still running at startup; ``settled`` puts their result into ``effective``.
+    python_envs: asyncio.Future[tuple[str, ...]] | None = None
     _draining: bool = False
     _warned: dict[tuple[str, str], float] = field(default_factory=dict)
 
     @property
     def worker_id(self) -> str:
         return self.config.worker_id
+
+    async def settled(self) -> None:
+        """Wait until ``effective`` is complete (the interpreter probes of startup are done)."""
+        pending = self.python_envs
+        if pending is None:
+            return
+        envs = await asyncio.shield(pending)  # a caller that gives up must not cancel the probes
+        if self.python_envs is pending:
+            self.effective = dataclasses.replace(self.effective, python_envs=envs)
+            self.python_envs = None
 
     @property
     def draining(self) -> bool:
@@ -384,7 +398,9 @@ async def health(request: web.Request) -> web.Response:
 @routes.get("/info")
 async def info(request: web.Request) -> web.Response:
     """The §4.1 ``Register`` document plus version, protocols, auth, limits, GPUs and load."""
-    body = await asyncio.to_thread(request.app[STATE].info)
+    state = request.app[STATE]
+    await state.settled()
+    body = await asyncio.to_thread(state.info)
     return web.json_response(body)
 
 
@@ -411,31 +427,50 @@ def _format_of(content_type: str, head: bytes) -> str:
     return "json" if head.lstrip()[:1] == b"{" else "msgpack"
 
 
+_NOT_KEPT = object()
+
+
 def _decode_stored(stored: StoredValue) -> Any:
     """The value of a stored file as the worker sees it (never unpickled). Raises ``WireError``."""
     if stored.kind == "npy":
         return stored.load_array()
-    if stored.kind == "soma":
-        return v2.decode_value_frame(stored.read_bytes(), "worker")
-    data = stored.read_bytes()
+    return _decode_body(stored.read_bytes(), stored.kind)
+
+
+def _decode_body(data: bytes | bytearray, kind: str) -> Any:
+    """The value of a stored body of ``kind`` ``soma``, ``json`` or ``msgpack``. Raises ``WireError``."""
+    if kind == "soma":
+        return v2.decode_value_frame(data, "worker")
     try:
-        raw = json.loads(data) if stored.kind == "json" else msgpack.unpackb(data, raw=False, strict_map_key=False)
+        raw = json.loads(data) if kind == "json" else msgpack.unpackb(data, raw=False, strict_map_key=False)
     except (ValueError, msgpack.UnpackException) as exc:
-        raise WireError("bad_message", f"undecodable {stored.kind} value: {exc}") from exc
+        raise WireError("bad_message", f"undecodable {kind} value: {exc}") from exc
     return v1.decode_value(raw)
 
 
-def _validate_upload(store: Store, key: str) -> StoredValue:
-    """Decode a freshly stored upload; an undecodable one is removed and raises ``WireError``."""
+def _validate_upload(store: Store, key: str, body: bytes | bytearray | None = None) -> StoredValue:
+    """Decode a freshly stored upload (from ``body`` when given, else its file); an undecodable
+    one is removed and raises ``WireError``. A v2 value is kept decoded for the plans that use it."""
     stored = store.find_cached(key)
+    if stored.kind == "soma" and store.recent.get(key, _NOT_KEPT) is not _NOT_KEPT:
+        return stored  # the same bytes were uploaded and decoded lately
     try:
-        _decode_stored(stored)
+        value = _decode_stored(stored) if body is None else _decode_body(body, stored.kind)
     except (WireError, ValueError, OSError) as exc:
         stored.path.unlink(missing_ok=True)
         if isinstance(exc, WireError):
             raise
         raise WireError("bad_message", f"undecodable upload: {exc}") from exc
+    if stored.kind == "soma":
+        store.recent.put(key, value, stored.size)
     return stored
+
+
+def _commit_upload(store: Store, pending: Upload, body: bytearray | memoryview) -> tuple[str, StoredValue]:
+    """Store and validate a body received whole (and written): the file is never read back."""
+    with pending:
+        key = pending.commit()
+    return key, _validate_upload(store, key, body if isinstance(body, bytearray) else bytes(body))
 
 
 @routes.post("/upload")
@@ -455,13 +490,19 @@ async def upload(request: web.Request) -> web.Response:
     suffix = {"soma": ".soma", "json": ".json", "msgpack": ".msgpack"}[kind]
     try:
         pending = await asyncio.to_thread(store.open_upload, suffix, size=size, limit=limit)
-        with pending:
-            chunk = head
-            while chunk:
-                await asyncio.to_thread(pending.write, chunk)
-                chunk = await _read_at_least(reader, _CHUNK)
-            key = await asyncio.to_thread(pending.commit)
-        stored = await asyncio.to_thread(_validate_upload, store, key)
+        if size is not None:
+            # Validation decodes the whole body anyway: receiving it into one buffer spares a
+            # thread hop per chunk and reading the file back.
+            body = await _receive(reader, head, size, pending)
+            key, stored = await asyncio.to_thread(_commit_upload, store, pending, body)
+        else:
+            with pending:
+                chunk = head
+                while chunk:
+                    await asyncio.to_thread(pending.write, chunk)
+                    chunk = await _read_at_least(reader, _CHUNK)
+                key = await asyncio.to_thread(pending.commit)
+            stored = await asyncio.to_thread(_validate_upload, store, key)
     except StoreError as exc:
         return _json_error(exc.http_status, exc.code, str(exc))
     except WireError as exc:
@@ -470,6 +511,44 @@ async def upload(request: web.Request) -> web.Response:
     if kind == "soma":
         return web.json_response({"type": "Cached", "cache_key": key, "size": stored.size})
     return web.json_response({"type": "Local", "path": str(stored.path)})
+
+
+async def _receive(reader: Any, head: bytes, size: int, pending: Upload) -> bytearray | memoryview:
+    """The body of ``Content-Length`` ``size`` in one buffer (what arrived, if the peer stopped early).
+
+    It is written to ``pending`` step by step while the rest arrives, so the file write and
+    the hash overlap the network rather than following it. Aborts ``pending`` on failure.
+    """
+    body = bytearray(size)
+    view = memoryview(body)
+    position = len(head)
+    view[:position] = head
+    written = 0
+    writing: asyncio.Future[None] | None = None
+    reader.set_read_chunk_size(_RECEIVE_WINDOW)
+    try:
+        while position < size:
+            chunk = await reader.readany()
+            if not chunk:
+                break
+            end = min(size, position + len(chunk))
+            view[position:end] = chunk[: end - position]
+            position = end
+            if position - written >= _WRITE_STEP and (writing is None or writing.done()):
+                if writing is not None:
+                    writing.result()
+                writing = asyncio.ensure_future(asyncio.to_thread(pending.write, view[written:position]))
+                written = position
+        if writing is not None:
+            await writing
+        if written < position:
+            await asyncio.to_thread(pending.write, view[written:position])
+    except BaseException:
+        if writing is not None and not writing.done():
+            await asyncio.wait([writing])  # never close the file under a write in flight
+        pending.abort()
+        raise
+    return body if position == size else view[:position]
 
 
 async def _read_at_least(reader: Any, n: int) -> bytes:
@@ -557,19 +636,28 @@ def _converted(value: Any, want_v2: bool) -> bytes:
 async def _send_file(
     request: web.Request, stored: StoredValue, content_type: str, metrics: WorkerMetrics
 ) -> web.StreamResponse:
-    """Stream a stored file as is (its pin is held by the caller until the last byte left)."""
-    handle = await asyncio.to_thread(stored.path.open, "rb")
-    try:
-        size = os.fstat(handle.fileno()).st_size
-        response = web.StreamResponse(headers={"Content-Type": content_type, "Content-Length": str(size)})
-        await response.prepare(request)
-        while chunk := await asyncio.to_thread(handle.read, _CHUNK):
-            await response.write(chunk)
-            metrics.bytes_sent.inc(len(chunk))
-        await response.write_eof()
-        return response
-    finally:
-        handle.close()
+    """Send a stored file as is (its pin is held by the caller until the last byte left).
+
+    ``FileResponse`` uses ``sendfile``: the kernel copies the bytes from the page cache to
+    the socket, with no read into Python and no thread hop per chunk.
+    """
+    response = _SentFile(stored.path, headers={"Content-Type": content_type})
+    await response.prepare(request)
+    metrics.bytes_sent.inc(stored.size)
+    return response
+
+
+class _SentFile(web.FileResponse):
+    """A ``FileResponse`` sent inside the handler, while the caller holds the file's pin.
+
+    aiohttp prepares the response a handler returns; unlike ``StreamResponse.prepare``,
+    ``FileResponse.prepare`` would send the file again, so a prepared one is left alone.
+    """
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return None
+        return await super().prepare(request)
 
 
 @routes.get("/download")

@@ -13,7 +13,8 @@ no in-flight request pins, then evicts least recently used files beyond ``max_by
 
 References resolve only inside the store or the data-store root (realpath, so ``..``
 and symlinks cannot leave them). Values are returned undecoded, as a ``StoredValue``
-with a sniffed ``kind``; decoding is the wire codecs' job.
+with a sniffed ``kind``; decoding is the wire codecs' job. ``Store.recent`` keeps values
+decoded lately by key, so that an upload is decoded once rather than again by each plan.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -47,6 +49,7 @@ __all__ = [
     "DiskLow",
     "ForbiddenPath",
     "Pin",
+    "RecentValues",
     "Store",
     "StoreError",
     "StoreLocked",
@@ -63,6 +66,9 @@ STORE_SUFFIXES = (".soma", ".json", ".msgpack")
 _DATA_STORE_SUFFIXES = (".soma", ".json", ".npy", "")
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1024 * 1024
+_PARALLEL_HASH_BYTES = 8 * _CHUNK
+RECENT_BYTES = 256 * _CHUNK
+"""Default budget of ``Store.recent``: the encoded bytes of the decoded values it keeps."""
 _LOCK_NAME = "soma-worker.lock"
 GIB = 1024**3
 
@@ -214,17 +220,28 @@ class Upload:
         """Bytes written so far."""
         return self._written
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | bytearray | memoryview) -> None:
         """Append ``chunk``; raises ``BodyTooLarge`` (and discards the upload) past the limit."""
         if self._file is None:
             raise StoreError("upload already committed or aborted")
-        if self._limit is not None and self._written + len(chunk) > self._limit:
+        size = memoryview(chunk).nbytes
+        if self._limit is not None and self._written + size > self._limit:
             self.abort()
             raise BodyTooLarge(f"body larger than the upload limit of {self._limit} bytes")
-        self._file.write(chunk)
-        self._written += len(chunk)
-        if self._hasher is not None:
-            self._hasher.update(chunk)
+        hasher = self._hasher
+        if hasher is not None and size >= _PARALLEL_HASH_BYTES:
+            # Hashing and writing both release the GIL: overlapping them hides the shorter one.
+            hashing = threading.Thread(target=hasher.update, args=(chunk,), name="soma-store-hash")
+            hashing.start()
+            try:
+                self._file.write(chunk)
+            finally:
+                hashing.join()
+        else:
+            self._file.write(chunk)
+            if hasher is not None:
+                hasher.update(chunk)
+        self._written += size
 
     def commit(self) -> str:
         """Finish the body and return its key; an identical stored body is reused (dedupe)."""
@@ -287,6 +304,52 @@ class Pin:
         self.release()
 
 
+class RecentValues:
+    """Values decoded lately, by store key: an upload is decoded once, not again at each use.
+
+    A store key is the hash of the file's bytes, so a value kept under a key always matches
+    the file of that key; callers still resolve (and pin) the reference first, so a swept
+    file stays unresolvable. Least recently used values go first once the encoded sizes of
+    those kept pass ``max_bytes``. Thread-safe. The values are shared: never mutate them.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._values: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value kept under ``key``, else ``default``."""
+        with self._lock:
+            entry = self._values.get(key)
+            if entry is None:
+                return default
+            self._values.move_to_end(key)
+            return entry[0]
+
+    def put(self, key: str, value: Any, size: int) -> None:
+        """Keep ``value`` (``size`` encoded bytes) under ``key``; one larger than the budget is not kept."""
+        with self._lock:
+            self._drop(key)
+            if size > self.max_bytes:
+                return
+            while self._values and self._bytes + size > self.max_bytes:
+                self._drop(next(iter(self._values)))
+            self._values[key] = (value, size)
+            self._bytes += size
+
+    def discard(self, key: str) -> None:
+        """Forget ``key`` (its file was deleted)."""
+        with self._lock:
+            self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        entry = self._values.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry[1]
+
+
 # --------------------------------------------------------------------------- the store
 
 
@@ -308,6 +371,7 @@ class Store:
         data_store: str | os.PathLike[str] | None = None,
         min_free_bytes: int = GIB,
         min_free_fraction: float = 0.05,
+        recent_bytes: int = RECENT_BYTES,
     ) -> None:
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0:
             raise SomaConfigError(f"store ttl must be a positive number of seconds, got {ttl!r}")
@@ -327,6 +391,7 @@ class Store:
         self._lock = threading.Lock()
         self._pins: dict[str, int] = {}
         self._lock_fd: int | None = None
+        self.recent = RecentValues(recent_bytes)
         self.set_data_store(data_store)
 
     # ---- lifecycle
@@ -424,10 +489,16 @@ class Store:
                     upload.write(chunk)
             return upload.commit()
 
-    def put_bytes(self, body: bytes, suffix: str) -> str:
+    def put_bytes(self, body: bytes | bytearray | memoryview, suffix: str) -> str:
         """Store ``body`` (an upload or a worker output); return its key."""
-        with self.open_upload(suffix, size=len(body)) as upload:
-            upload.write(body)
+        return self.put_parts([body], suffix)
+
+    def put_parts(self, parts: Sequence[bytes | bytearray | memoryview], suffix: str) -> str:
+        """Store the concatenation of ``parts`` (an encoded frame) without joining them; return its key."""
+        size = sum(memoryview(part).nbytes for part in parts)
+        with self.open_upload(suffix, size=size) as upload:
+            for part in parts:
+                upload.write(part)
             return upload.commit()
 
     def _adopt(self, partial: Path, key: str, suffix: str) -> None:
@@ -578,6 +649,7 @@ class Store:
             for key, path, stat in self._entries():
                 if key not in self._pins and now - stat.st_mtime > self.ttl:
                     deleted += self._unlink(path, "idle")
+                    self.recent.discard(key)
                 else:
                     kept.append((key, path, stat))
             if self.max_bytes is not None:
@@ -586,6 +658,7 @@ class Store:
                     if total <= self.max_bytes:
                         break
                     if key not in self._pins and self._unlink(path, "over max_bytes"):
+                        self.recent.discard(key)
                         deleted += 1
                         total -= stat.st_size
             self.deleted_total += deleted
