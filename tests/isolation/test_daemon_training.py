@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from _harness import DaemonProcess, client_value, pickled
 
-from soma.isolation.daemon import ENVELOPE_KEY
+from soma.isolation.training import ENVELOPE_KEY
 from soma.isolation.markers import TorchData
 
 torch = pytest.importorskip("torch")

@@ -40,7 +40,8 @@ from soma.errors import (
     SomaWarning,
     WorkerUnavailableError,
 )
-from soma.isolation.daemon import CommandError, UserCodeError, unwrap_state
+from soma.isolation.child_errors import CommandError, UserCodeError
+from soma.isolation.training import unwrap_state
 from soma.runtime import events as ev
 from soma.runtime.cache import Cache
 from soma.runtime.executor import BlockRequest, BlockResult, NodeRecord, RemoteRunnerFactory, RunnerSpec

@@ -13,18 +13,20 @@ The parent never unpickles user objects: every value that is not a neutral value
 ``Handle``. Errors travel as data (``error`` dicts); the child survives anything its
 user code raises, ``SystemExit`` included.
 
-At import time this module uses only the standard library, ``cloudpickle`` and
-stdlib-only soma modules: numpy arrives as a side effect of unpickling arrays, torch
-is imported only by the composite and gradient commands or to materialise a
-``TorchData``. The weights envelope and the composite step are public so the local
-executor can share them.
+The daemon holds the catalog, dispatches commands and runs the serve loop; the
+walks over channel values live in ``values``, the training machinery (envelopes,
+composite step, gradients) in ``training``, tensor handling in ``tensors`` and the
+two command failures in ``child_errors``. At import time all of them use only the
+standard library, ``cloudpickle`` and stdlib-only soma modules: numpy arrives as a
+side effect of unpickling arrays, torch is imported only by the composite and
+gradient commands or to materialise a ``TorchData``. The marker classes are
+exposed here as well, as the channel's vocabulary.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import faulthandler
 import gc
 import io
@@ -34,8 +36,8 @@ import platform
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -43,406 +45,39 @@ import cloudpickle
 
 from soma.errors import RowMismatchError
 from soma.isolation import channel
+from soma.isolation.child_errors import VERSION_SKEW_HINT, CommandError, UserCodeError, call_user
 from soma.isolation.markers import Concat, Handle, Opaque, TorchData
+from soma.isolation.tensors import import_torch
+from soma.isolation.training import (
+    CompositeNode,
+    apply_gradients,
+    check_phase,
+    composite_fit,
+    composite_forward,
+    match_gradients,
+    parameter_owner,
+    read_gradients,
+    unwrap_state,
+    wrap_state,
+)
+from soma.isolation.values import NeedsNeutralising, cache_blob, materialise, neutralise, reduce_neutral
 from soma.log import isolation_logger
 from soma.runtime import batching
 
 __all__ = [
-    "ENVELOPE_KEY",
     "PROTOCOL",
-    "CommandError",
-    "CompositeNode",
-    "CompositeResult",
     "Concat",
     "Daemon",
     "Handle",
     "Opaque",
     "TorchData",
-    "UserCodeError",
-    "composite_fit",
-    "composite_forward",
     "greeting",
-    "is_envelope",
     "main",
-    "parameter_owner",
     "serve",
-    "unwrap_state",
-    "wrap_state",
 ]
 
 PROTOCOL = 1
-ENVELOPE_KEY = "__soma_node_state__"
 EXIT_CORRUPT_REQUEST = 3
-_PHASES = ("all", "fit", "grad")
-_LEAF_TYPES = frozenset({type(None), bool, int, float, str, bytes})
-_VERSION_SKEW_HINT = "usual cause: Python or cloudpickle version skew"
-
-
-class CommandError(Exception):
-    """A request the child refuses, with its isolation.md §5 ``code``; the child keeps serving."""
-
-    def __init__(self, code: str, message: str, *, node_id: str | None = None, method: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.node_id = node_id
-        self.method = method
-
-
-class UserCodeError(Exception):
-    """User code raised (any ``BaseException``); the original is ``__cause__``.
-
-    ``method`` names the hook that raised (``fit``, ``forward``, ``partial_fit``,
-    ``update``, ``loss_fn``, ``optimizer``) or is ``None`` for the runtime's own steps
-    on user values (a backward pass, the default loss).
-    """
-
-    def __init__(self, method: str | None, node_id: str | None, original: BaseException) -> None:
-        super().__init__(f"{method or 'user code'} raised {type(original).__name__}: {original}")
-        self.method = method
-        self.node_id = node_id
-        self.original = original
-
-
-def _call(method: str | None, node_id: str | None, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    except BaseException as exc:  # the user-code boundary: SystemExit included, the child survives
-        raise UserCodeError(method, node_id, exc) from exc
-
-
-# --------------------------------------------------------------------------- torch, lazily
-
-
-def _torch() -> Any:
-    try:
-        import torch
-    except ImportError as exc:
-        raise CommandError(
-            "missing_dependency",
-            f"a tensor arrived but torch is not importable in the child ({sys.executable}): {exc}; "
-            "install torch in the filter's environment",
-        ) from exc
-    return torch
-
-
-def _is_tensor(value: object) -> bool:
-    return type(value).__module__.partition(".")[0] == "torch" and isinstance(
-        value, sys.modules["torch"].Tensor
-    )
-
-
-def _is_ndarray(value: object) -> bool:
-    return type(value).__module__ == "numpy" and type(value).__name__ == "ndarray"
-
-
-def _tensor_from_marker(marker: TorchData) -> Any:
-    torch = _torch()
-    dtype = getattr(torch, str(marker.dtype), None)
-    if not isinstance(dtype, torch.dtype):
-        raise CommandError("bad_request", f"TorchData names an unknown torch dtype {marker.dtype!r}")
-    shape = tuple(int(n) for n in marker.shape)
-    numel = 1
-    for n in shape:
-        numel *= n
-    if numel == 0:
-        return torch.empty(shape, dtype=dtype)
-    view = memoryview(marker.buffer)
-    expected = numel * dtype.itemsize
-    if view.nbytes != expected:
-        raise CommandError(
-            "bad_request", f"TorchData of shape {shape} and dtype {marker.dtype} needs {expected} bytes, got {view.nbytes}"
-        )
-    # torch.frombuffer shares the memory and warns on read-only buffers: copy those once.
-    buffer = bytearray(view) if view.readonly else marker.buffer
-    return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
-
-
-def _tensor_to_marker(tensor: Any) -> TorchData:
-    torch = sys.modules["torch"]
-    flat = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
-    raw = flat.view(torch.uint8).numpy()
-    return TorchData(pickle.PickleBuffer(raw), str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
-
-
-def _is_plain_tensor(value: object) -> bool:
-    return bool(
-        _is_tensor(value)
-        and value.layout == sys.modules["torch"].strided  # type: ignore[attr-defined]
-        and not value.is_quantized  # type: ignore[attr-defined]
-    )
-
-
-# --------------------------------------------------------------------------- weights envelope
-
-
-def parameter_owner(filter_obj: Any) -> Any | None:
-    """The object holding a filter's trainable parameters, or ``None`` (isolation.md §4).
-
-    ``filter.soma_module()`` if defined, else the filter itself if it has a callable
-    ``named_parameters``, else the first of ``module``, ``model``, ``net`` having one.
-    Duck-typed: torch is not imported. A raising ``soma_module()`` raises ``UserCodeError``.
-    """
-    soma_module = getattr(filter_obj, "soma_module", None)
-    if callable(soma_module):
-        return _call(None, None, soma_module)
-    if callable(getattr(filter_obj, "named_parameters", None)):
-        return filter_obj
-    for name in ("module", "model", "net"):
-        candidate = getattr(filter_obj, name, None)
-        if candidate is not None and callable(getattr(candidate, "named_parameters", None)):
-            return candidate
-    return None
-
-
-def is_envelope(state: object) -> bool:
-    """Whether ``state`` is a weights envelope ``{"__soma_node_state__": 1, "fit", "weights"}``."""
-    return type(state) is dict and state.get(ENVELOPE_KEY) == 1 and "weights" in state
-
-
-def wrap_state(filter_obj: Any, fit_state: Any, *, snapshot: bool = False) -> Any:
-    """Wrap ``fit_state`` in a weights envelope when the filter has a parameter owner.
-
-    A fresh process cannot see weights trained in place, so the envelope carries them
-    (and the optimizer state, when the filter has an ``optimizer``). ``snapshot``
-    copies the tensors: needed when the envelope stays in this process (a handle)
-    while training goes on; a value sent at once needs no copy.
-    """
-    owner = parameter_owner(filter_obj)
-    if owner is None:
-        return fit_state
-    weights = {}
-    for name, value in owner.state_dict().items():
-        detached = value.detach() if _is_tensor(value) else value
-        weights[name] = detached.clone() if snapshot and _is_tensor(detached) else detached
-    envelope: dict[str, Any] = {ENVELOPE_KEY: 1, "fit": fit_state, "weights": weights}
-    optimizer = getattr(filter_obj, "optimizer", None)
-    if optimizer is not None and callable(getattr(optimizer, "state_dict", None)):
-        optimizer_state = optimizer.state_dict()
-        envelope["optimizer"] = copy.deepcopy(optimizer_state) if snapshot else optimizer_state
-    return envelope
-
-
-def unwrap_state(filter_obj: Any, state: Any) -> Any:
-    """Return the fit part of ``state``; an envelope's weights are loaded into the filter first.
-
-    Loading is strict: missing or unexpected names and shape mismatches raise
-    ``CommandError("state_mismatch")`` listing them, before any weight changes. Weights
-    equal to the loaded ones are not copied again.
-    """
-    if not is_envelope(state):
-        return state
-    owner = parameter_owner(filter_obj)
-    if owner is None:
-        raise CommandError(
-            "state_mismatch",
-            f"the state carries weights but {type(filter_obj).__name__} has no parameter owner "
-            "(soma_module(), named_parameters, or a module/model/net attribute)",
-        )
-    _load_weights(owner, state["weights"])
-    optimizer_state = state.get("optimizer")
-    optimizer = getattr(filter_obj, "optimizer", None)
-    if optimizer_state is not None and optimizer is not None:
-        _call("optimizer", None, optimizer.load_state_dict, optimizer_state)
-    return state.get("fit")
-
-
-def _load_weights(owner: Any, weights: Any) -> None:
-    if not isinstance(weights, Mapping):
-        raise CommandError("state_mismatch", f"envelope weights must be a dict, got {type(weights).__name__}")
-    torch = _torch()
-    current = owner.state_dict()
-    given = {name: torch.as_tensor(value) if _is_ndarray(value) else value for name, value in weights.items()}
-    missing = [name for name in current if name not in given]
-    unexpected = [name for name in given if name not in current]
-    mismatched = [
-        f"{name}: expected {tuple(current[name].shape)}, got {tuple(value.shape)}"
-        for name, value in given.items()
-        if name in current and _is_tensor(current[name]) and tuple(getattr(value, "shape", ())) != tuple(current[name].shape)
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected}")
-        if mismatched:
-            parts.append(f"shape mismatch {mismatched}")
-        raise CommandError("state_mismatch", "weights do not match the module: " + "; ".join(parts))
-    if all(_same_tensor(current[name], value) for name, value in given.items()):
-        return
-    try:
-        owner.load_state_dict(given, strict=True)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise CommandError("state_mismatch", f"weights could not be loaded: {exc}") from exc
-
-
-def _same_tensor(current: Any, given: Any) -> bool:
-    if not (_is_tensor(current) and _is_tensor(given)) or current.dtype != given.dtype:
-        return False
-    torch = sys.modules["torch"]
-    return bool(torch.equal(current, given.to(current.device)))
-
-
-# --------------------------------------------------------------------------- composite step (§4.1)
-
-
-@dataclass
-class CompositeNode:
-    """One filter of a composite chain."""
-
-    node_id: str
-    filter: Any
-    trainable: bool
-
-
-@dataclass
-class CompositeResult:
-    """What a composite pass produced: the detached output, the fit states, the loss."""
-
-    output: Any
-    states: dict[str, Any] = field(default_factory=dict)
-    loss: float | None = None
-
-
-def _to_tensor_input(value: Any) -> Any:
-    torch = sys.modules["torch"]
-    if _is_tensor(value):
-        return value
-    if _is_ndarray(value):
-        if value.dtype.kind == "f":
-            return torch.from_numpy(value if value.flags.writeable else value.copy())
-        if value.dtype.kind in "biu":
-            return torch.as_tensor(value, dtype=torch.float32)
-        return value
-    if isinstance(value, list) and _is_numeric_nested(value):
-        return torch.tensor(value, dtype=torch.float32)
-    return value
-
-
-def _is_numeric_nested(value: Any) -> bool:
-    if isinstance(value, list):
-        return all(_is_numeric_nested(item) for item in value)
-    return type(value) in (bool, int, float)
-
-
-def _detach(value: Any) -> Any:
-    if _is_tensor(value):
-        return value.detach()
-    if type(value) is tuple:
-        return tuple(_detach(v) for v in value)
-    if type(value) is list:
-        return [_detach(v) for v in value]
-    if type(value) is dict:
-        return {k: _detach(v) for k, v in value.items()}
-    return value
-
-
-def composite_forward(nodes: Sequence[CompositeNode], x: Any, states: Mapping[str, Any], *, grad: bool = False) -> Any:
-    """Chain ``forward`` through ``nodes`` with the fit states given (stateless: ``None``).
-
-    Inputs are converted as in isolation.md §4.1; runs under ``torch.no_grad()``
-    unless ``grad``. Returns the output detached. User exceptions raise ``UserCodeError``.
-    """
-    torch = _torch()
-    cur = _to_tensor_input(x)
-    with torch.enable_grad() if grad else torch.no_grad():
-        for node in nodes:
-            state = states.get(node.node_id) if node.trainable else None
-            cur = _call("forward", node.node_id, node.filter.forward, cur, state)
-    return _detach(cur)
-
-
-def composite_fit(
-    nodes: Sequence[CompositeNode],
-    x: Any,
-    y: Any,
-    states: Mapping[str, Any],
-    *,
-    phase: str = "all",
-) -> CompositeResult:
-    """One training pass over a chain of differentiable filters (isolation.md §4.1).
-
-    ``states`` holds the fit states used by phase ``grad`` (trainable nodes fit afresh
-    in ``all`` and ``fit``). Returns the detached output, every trainable node's fit
-    state and ``float(loss)`` (``None`` when nothing defines a loss or in phase
-    ``fit``). Raises ``UserCodeError`` for user exceptions and
-    ``CommandError("no_gradient")`` when the loss reaches no parameter.
-    """
-    _check_phase(phase)
-    torch = _torch()
-    cur = _to_tensor_input(x)
-    target = _to_tensor_input(y)
-    new_states: dict[str, Any] = {}
-    for node in nodes:
-        state = None
-        if node.trainable:
-            if phase == "grad":
-                state = states.get(node.node_id)
-            else:
-                state = _call("fit", node.node_id, node.filter.fit, _detach(cur), target)
-            new_states[node.node_id] = state
-        with torch.no_grad() if phase == "fit" else torch.enable_grad():
-            cur = _call("forward", node.node_id, node.filter.forward, cur, state)
-    loss = None
-    if phase != "fit" and nodes:
-        last = nodes[-1]
-        loss_fn = getattr(last.filter, "loss_fn", None)
-        if callable(loss_fn):
-            with torch.enable_grad():
-                loss = _call("loss_fn", last.node_id, loss_fn, cur, target)
-        elif target is not None:
-            pred = cur[0] if isinstance(cur, (tuple, list)) else cur
-            loss = _call(None, last.node_id, _mse_loss, pred, target)
-    if loss is not None:
-        _backward(nodes, loss)
-        if phase == "all":
-            for node in nodes:
-                optimizer = getattr(node.filter, "optimizer", None)
-                if optimizer is not None:
-                    _call("optimizer", node.node_id, optimizer.step)
-                    _call("optimizer", node.node_id, optimizer.zero_grad)
-    return CompositeResult(_detach(cur), new_states, None if loss is None else float(loss))
-
-
-def _check_phase(phase: str) -> None:
-    if phase not in _PHASES:
-        raise CommandError("bad_request", f"field 'phase' must be one of {list(_PHASES)}, got {phase!r}")
-
-
-def _mse_loss(pred: Any, target: Any) -> Any:
-    torch = sys.modules["torch"]
-    if not (_is_tensor(pred) and _is_tensor(target)):
-        raise ValueError(
-            f"the default MSE loss needs a tensor output and target, got {type(pred).__name__} "
-            f"and {type(target).__name__}; define loss_fn(out, y) on the last filter"
-        )
-    if pred.shape != target.shape:
-        if pred.dim() == target.dim() + 1 and pred.shape[-1] == 1 and pred.shape[:-1] == target.shape:
-            pred = pred.reshape(target.shape)
-        elif target.dim() == pred.dim() + 1 and target.shape[-1] == 1 and target.shape[:-1] == pred.shape:
-            target = target.reshape(pred.shape)
-        else:
-            raise ValueError(
-                f"output shape {tuple(pred.shape)} and target shape {tuple(target.shape)} differ "
-                "(only one trailing size-1 dimension is reshaped away; nothing is broadcast)"
-            )
-    return torch.nn.functional.mse_loss(pred, target.to(dtype=pred.dtype, device=pred.device), reduction="mean")
-
-
-def _backward(nodes: Sequence[CompositeNode], loss: Any) -> None:
-    if not (_is_tensor(loss) and loss.requires_grad):
-        raise CommandError(
-            "no_gradient",
-            "the loss does not depend on any parameter that requires grad: no backward pass is possible",
-            node_id=nodes[-1].node_id,
-        )
-    for node in nodes:
-        owner = parameter_owner(node.filter)
-        if owner is not None:
-            for parameter in owner.parameters():
-                parameter.grad = None
-    _call(None, nodes[-1].node_id, loss.backward)
 
 
 # --------------------------------------------------------------------------- the catalog
@@ -602,70 +237,10 @@ class Daemon:
     # ------------------------------------------------------------------ values
 
     def materialise(self, value: Any) -> Any:
-        """Turn a request value into objects: markers resolved, containers rebuilt only if needed."""
+        """Turn a request value into objects (``values.materialise``) with this daemon's handles."""
         if not self._has_markers:
             return value
-        kind = type(value)
-        if kind in _LEAF_TYPES:
-            return value
-        if kind is list or kind is tuple:
-            if _leaves_only(value):
-                return value
-            items = [self.materialise(item) for item in value]
-            return items if kind is list else tuple(items)
-        if kind is dict:
-            if _leaves_only(value.values()):
-                return value
-            return {key: self.materialise(item) for key, item in value.items()}
-        if kind is Opaque:
-            try:
-                return cloudpickle.loads(value.data, buffers=value.buffers)
-            except BaseException as exc:  # unpickling runs user code (__setstate__, reducers)
-                raise CommandError(
-                    "unpickle_error",
-                    f"cannot unpickle a value: {type(exc).__name__}: {exc}; a module it needs may be "
-                    f"missing in the child ({sys.executable}), or {_VERSION_SKEW_HINT}",
-                ) from exc
-        if kind is TorchData:
-            return _tensor_from_marker(value)
-        if kind is Handle:
-            try:
-                return self._handles[value.name]
-            except KeyError:
-                raise CommandError("bad_request", f"unknown handle {value.name!r} (LOAD clears handles)") from None
-        if kind is Concat:
-            return batching.concat_chunks([self.materialise(item) for item in value.items])
-        return value
-
-    def neutralise(self, value: Any, node_id: str | None) -> Any:
-        """Turn a reply value into neutral values: tensors -> TorchData, other objects -> Opaque."""
-        kind = type(value)
-        if kind in _LEAF_TYPES:
-            return value
-        if kind is list or kind is tuple:
-            if _leaves_only(value):
-                return value
-            items = [self.neutralise(item, node_id) for item in value]
-            return items if kind is list else tuple(items)
-        if kind is dict and (_leaves_only(value) or all(_is_neutral_key(key) for key in value)):
-            if _leaves_only(value.values()):
-                return value
-            return {key: self.neutralise(item, node_id) for key, item in value.items()}
-        if _is_plain_numpy(value):
-            return value
-        if _is_plain_tensor(value):
-            return _tensor_to_marker(value)
-        buffers: list[pickle.PickleBuffer] = []
-        try:
-            data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
-        except BaseException as exc:  # pickling runs user code (__reduce__, __getstate__)
-            raise CommandError(
-                "encoding_error",
-                f"cannot encode a {kind.__module__}.{kind.__qualname__} from node {node_id!r}: "
-                f"{type(exc).__name__}: {exc}",
-                node_id=node_id,
-            ) from exc
-        return Opaque(data, list(buffers))
+        return materialise(value, self._handles)
 
     def send_reply(self, write_fd: int, reply: dict[str, Any]) -> None:
         """Write ``reply``, its ``result`` neutralised (isolation.md §3.2).
@@ -676,13 +251,13 @@ class Daemon:
         spares the walk over lists of millions of floats.
         """
         try:
-            channel.write_frame(write_fd, reply, reducer_override=_reduce_neutral, ring=self._ring)
+            channel.write_frame(write_fd, reply, reducer_override=reduce_neutral, ring=self._ring)
             return
-        except _NeedsNeutralising:
+        except NeedsNeutralising:
             if "result" not in reply:
                 raise
         try:
-            reply = {**reply, "result": self.neutralise(reply["result"], self._result_node_id)}
+            reply = {**reply, "result": neutralise(reply["result"], self._result_node_id)}
         except CommandError as exc:
             error = _error_dict(exc.code, exc.message, command=self._command, node_id=exc.node_id, exc=exc.__cause__)
             reply = {"kind": "reply", "id": reply["id"], "ok": False, "error": error}
@@ -700,7 +275,7 @@ class Daemon:
             body["result"] = value  # neutralised while the reply is pickled: see encode_reply
             self._result_node_id = node_id
         if want_blob:
-            body["blob"] = _blob(value, node_id)
+            body["blob"] = cache_blob(value, node_id)
         return body
 
     @staticmethod
@@ -794,7 +369,7 @@ class Daemon:
         data = self.materialise(_field(request, "data", object))
         y = self.materialise(request.get("y"))
         if entry.trainable:
-            entry.state = _call("fit", node_id, entry.filter.fit, data, y)
+            entry.state = call_user("fit", node_id, entry.filter.fit, data, y)
             result = wrap_state(entry.filter, entry.state, snapshot=mode == "handle")
         else:
             entry.state = None
@@ -813,10 +388,10 @@ class Daemon:
                 state = self._fit_state(node_id, entry, self.materialise(request["state"]))
             else:
                 state = entry.state
-        output = _call("forward", node_id, entry.filter.forward, data, state)
+        output = call_user("forward", node_id, entry.filter.forward, data, state)
         update = getattr(entry.filter, "update", None)
         if evolve and entry.trainable and callable(update):
-            entry.state = _call("update", node_id, update, data, state)
+            entry.state = call_user("update", node_id, update, data, state)
         return self._reply_value(request, output, node_id)
 
     def _composite_nodes(self, request: Mapping[str, Any]) -> list[CompositeNode]:
@@ -850,7 +425,7 @@ class Daemon:
         nodes = self._composite_nodes(request)
         self._result_options(request)
         phase = _field(request, "phase", str, "all")
-        _check_phase(phase)
+        check_phase(phase)
         data = self.materialise(_field(request, "data", object))
         y = self.materialise(request.get("y"))
         states = self._composite_states(request, nodes)
@@ -863,7 +438,7 @@ class Daemon:
             owner = parameter_owner(node.filter)
             if node.trainable or owner is not None:
                 fit_state = outcome.states.get(node.node_id)
-                reply_states[node.node_id] = self.neutralise(
+                reply_states[node.node_id] = neutralise(
                     wrap_state(node.filter, fit_state), node.node_id
                 )
         body = self._reply_value(request, outcome.output, nodes[-1].node_id if nodes else None)
@@ -873,7 +448,7 @@ class Daemon:
         node_id = _field(request, "node_id", str)
         entry = self._entry(node_id)
         state = wrap_state(entry.filter, entry.state)
-        return {"state": self.neutralise(state, node_id)}
+        return {"state": neutralise(state, node_id)}
 
     def _set_state(self, request: Mapping[str, Any]) -> dict[str, Any]:
         node_id = _field(request, "node_id", str)
@@ -885,21 +460,7 @@ class Daemon:
     def _get_gradients(self, request: Mapping[str, Any]) -> dict[str, Any]:
         node_id = _field(request, "node_id", str)
         owner = self._owner(node_id, self._entry(node_id))
-        gradients: dict[str, TorchData] = {}
-        missing: list[str] = []
-        for name, parameter in owner.named_parameters():
-            if not parameter.requires_grad:
-                continue
-            if parameter.grad is None:
-                missing.append(name)
-            else:
-                gradients[name] = _tensor_to_marker(parameter.grad)
-        if not gradients:
-            raise CommandError(
-                "no_gradient",
-                f"node {node_id!r} has no gradient: run COMPOSITE_FIT with phase grad first",
-                node_id=node_id,
-            )
+        gradients, missing = read_gradients(node_id, owner)
         return {"gradients": gradients, "missing": missing}
 
     def _apply_gradients(self, request: Mapping[str, Any]) -> dict[str, Any]:
@@ -908,45 +469,28 @@ class Daemon:
         owner = self._owner(node_id, entry)
         gradients = self.materialise(_field(request, "gradients", dict))
         lr = _field(request, "lr", (int, float, type(None)), None)
-        torch = _torch()
-        parameters = dict(owner.named_parameters())
-        tensors: dict[str, Any] = {}
-        problems: list[str] = []
-        for name, gradient in gradients.items():
-            parameter = parameters.get(name)
-            if parameter is None:
-                problems.append(f"{name!r} is not a parameter")
-                continue
-            tensor = gradient if _is_tensor(gradient) else torch.as_tensor(gradient)
-            if tuple(tensor.shape) != tuple(parameter.shape):
-                problems.append(f"{name!r} has shape {tuple(tensor.shape)}, the parameter {tuple(parameter.shape)}")
-                continue
-            tensors[name] = tensor.to(dtype=parameter.dtype, device=parameter.device)
-        if problems or not tensors:
-            expected = {name: tuple(p.shape) for name, p in parameters.items()}
-            detail = "; ".join(problems) if problems else "no gradient given"
-            raise CommandError(
-                "gradient_mismatch", f"gradients do not match node {node_id!r}: {detail}; parameters: {expected}", node_id=node_id
-            )
-        optimizer = getattr(entry.filter, "optimizer", None)
-        if optimizer is None:
-            if entry.fallback_optimizer is None and lr is None:
-                raise CommandError(
-                    "no_optimizer",
-                    f"node {node_id!r} has no optimizer attribute and the request gives no lr",
-                    node_id=node_id,
-                )
-            if entry.fallback_optimizer is None:
-                entry.fallback_optimizer = torch.optim.SGD(owner.parameters(), lr=lr)
-            elif lr is not None:
-                for group in entry.fallback_optimizer.param_groups:
-                    group["lr"] = lr
-            optimizer = entry.fallback_optimizer
-        for name, parameter in parameters.items():
-            parameter.grad = tensors.get(name)
-        _call("optimizer", node_id, optimizer.step)
-        _call("optimizer", node_id, optimizer.zero_grad, True)
+        tensors = match_gradients(node_id, owner, gradients)
+        apply_gradients(node_id, owner, self._optimizer(node_id, entry, owner, lr), tensors)
         return {}
+
+    @staticmethod
+    def _optimizer(node_id: str, entry: _Entry, owner: Any, lr: float | None) -> Any:
+        """The filter's ``optimizer``, else the SGD kept in the catalog (created at the first ``lr``)."""
+        optimizer = getattr(entry.filter, "optimizer", None)
+        if optimizer is not None:
+            return optimizer
+        if entry.fallback_optimizer is None and lr is None:
+            raise CommandError(
+                "no_optimizer",
+                f"node {node_id!r} has no optimizer attribute and the request gives no lr",
+                node_id=node_id,
+            )
+        if entry.fallback_optimizer is None:
+            entry.fallback_optimizer = import_torch().optim.SGD(owner.parameters(), lr=lr)
+        elif lr is not None:
+            for group in entry.fallback_optimizer.param_groups:
+                group["lr"] = lr
+        return entry.fallback_optimizer
 
     def _batched_fit(self, request: Mapping[str, Any]) -> dict[str, Any]:
         node_ids = self._node_ids(request)
@@ -980,15 +524,15 @@ class Daemon:
                 elif batching.has_partial_fit(entry.filter) and batching.is_row_sliceable(x):
                     state = self._partial_fit(request_id, node_id, entry, x, y, batch_size)
                 else:
-                    state = _call("fit", node_id, entry.filter.fit, x, y)
+                    state = call_user("fit", node_id, entry.filter.fit, x, y)
                 entry.state = state
-            outputs[node_id] = _call("forward", node_id, entry.filter.forward, x, state)
+            outputs[node_id] = call_user("forward", node_id, entry.filter.forward, x, state)
         if len(outputs_wanted) == 1:
             result = outputs[outputs_wanted[0]]
         else:
             result = {node_id: outputs[node_id] for node_id in outputs_wanted}
         states = {
-            node_id: self.neutralise(
+            node_id: neutralise(
                 wrap_state(self._catalog[node_id].filter, self._catalog[node_id].state), node_id
             )
             for node_id in node_ids
@@ -1022,7 +566,7 @@ class Daemon:
 
     def _partial_fit(self, request_id: int, node_id: str, entry: _Entry, x: Any, y: Any, batch_size: int) -> Any:
         def guarded(x_b: Any, y_b: Any, state: Any) -> Any:
-            return _call("partial_fit", node_id, entry.filter.partial_fit, x_b, y_b, state)
+            return call_user("partial_fit", node_id, entry.filter.partial_fit, x_b, y_b, state)
 
         def progress(batch: int, n_batches: int, rows: int, total_rows: int) -> None:
             self._emit(
@@ -1046,69 +590,6 @@ class Daemon:
         self.stopping = True
         return {}
 
-
-class _NeedsNeutralising(Exception):
-    """Raised while pickling a reply that holds an object the parent may not unpickle."""
-
-
-_NATIVE_TYPES = frozenset({complex, bytearray, pickle.PickleBuffer, Opaque, TorchData, Handle, Concat})
-
-
-def _reduce_neutral(obj: Any) -> Any:
-    """``reducer_override`` accepting only what ``restricted_loads`` can rebuild."""
-    kind = type(obj)
-    if kind in _NATIVE_TYPES or _is_plain_numpy(obj):
-        return NotImplemented
-    if isinstance(obj, type) or callable(obj) and kind.__name__ in ("function", "builtin_function_or_method"):
-        # The reduce callables of allowed values (numpy reconstructors, marker classes).
-        if channel.is_allowed_global(getattr(obj, "__module__", ""), getattr(obj, "__qualname__", "")):
-            return NotImplemented
-    elif kind.__module__ == "numpy.dtypes" and _is_plain_dtype(obj):
-        return NotImplemented
-    raise _NeedsNeutralising
-
-
-def _leaves_only(values: Iterable[Any]) -> bool:
-    """Whether every item is a neutral scalar: one C-speed pass, for lists of millions of floats."""
-    return set(map(type, values)) <= _LEAF_TYPES
-
-
-def _is_neutral_key(key: object) -> bool:
-    kind = type(key)
-    if kind in _LEAF_TYPES:
-        return True
-    if kind is tuple:
-        return all(_is_neutral_key(item) for item in key)  # type: ignore[attr-defined]
-    return _is_plain_numpy(key) and not _is_ndarray(key)
-
-
-def _is_plain_numpy(value: object) -> bool:
-    """An ndarray (not a subclass) or numpy scalar whose dtype the parent can unpickle."""
-    if type(value).__module__ != "numpy":
-        return False
-    numpy = sys.modules["numpy"]
-    if not (type(value) is numpy.ndarray or isinstance(value, numpy.generic)):
-        return False
-    return _is_plain_dtype(value.dtype)  # type: ignore[attr-defined]
-
-
-def _is_plain_dtype(dtype: Any) -> bool:
-    # The restricted unpickler knows numpy's own scalar types only, and no objects.
-    return not dtype.hasobject and dtype.type.__module__ == "numpy"
-
-
-def _blob(value: Any, node_id: str | None) -> bytes:
-    try:
-        return pickle.dumps(value, protocol=5)
-    except Exception:  # noqa: BLE001 - the cache format falls back to cloudpickle on any pickling failure
-        try:
-            return cloudpickle.dumps(value, protocol=5)
-        except BaseException as exc:  # pickling runs user code (__reduce__, __getstate__)
-            raise CommandError(
-                "encoding_error",
-                f"cannot pickle the {type(value).__name__} from node {node_id!r} into a cache blob: {exc}",
-                node_id=node_id,
-            ) from exc
 
 
 def _check_runtime(runtime: Mapping[str, Any] | None) -> None:
@@ -1141,7 +622,7 @@ def _check_runtime(runtime: Mapping[str, Any] | None) -> None:
 
 
 def _unpickle_filter(node_id: str, data: Any, trainable: bool, runtime: Mapping[str, Any] | None) -> Any:
-    hint = f"; {_VERSION_SKEW_HINT}" if runtime is None else ""
+    hint = f"; {VERSION_SKEW_HINT}" if runtime is None else ""
     try:
         obj = cloudpickle.loads(data)
     except BaseException as exc:  # unpickling runs user code (__setstate__, imports): any failure is reported
@@ -1153,7 +634,7 @@ def _unpickle_filter(node_id: str, data: Any, trainable: bool, runtime: Mapping[
     if not callable(getattr(obj, "forward", None)) or (trainable and not callable(getattr(obj, "fit", None))):
         raise CommandError(
             "unpickle_error",
-            f"not a filter, got {type(obj).__module__}.{type(obj).__qualname__}; {_VERSION_SKEW_HINT}",
+            f"not a filter, got {type(obj).__module__}.{type(obj).__qualname__}; {VERSION_SKEW_HINT}",
             node_id=node_id,
         )
     return obj

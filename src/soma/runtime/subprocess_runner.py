@@ -35,6 +35,7 @@ from soma.filter import read_meta
 from soma.isolation.markers import Opaque
 from soma.isolation.pool import Pool, default_pool
 from soma.isolation.process import Child, ChildFailure, ChildSpec, failure_to_error
+from soma.isolation.values import materialise
 from soma.runtime.batching import BatchCallback
 from soma.runtime.executor import RunnerSpec
 from soma.runtime.usercode import register_by_value
@@ -88,14 +89,6 @@ def encode(value: Any) -> Any:
     return Opaque(data, list(buffers))
 
 
-def _decoder() -> Any:
-    # The daemon's own walk turns Opaque and TorchData markers back into objects, so
-    # both directions use one definition of the channel's values.
-    from soma.isolation.daemon import Daemon
-
-    return Daemon(lambda message: None)
-
-
 class SubprocessRunner:
     """A ``NodeRunner`` executing its nodes in one child checked out for the run.
 
@@ -119,7 +112,6 @@ class SubprocessRunner:
         self._stack = contextlib.ExitStack()
         self._child: Child | None = None
         self._deadline = math.inf
-        self._codec = _decoder()
         self._forward_memo: dict[str, tuple[Any, Any, Any]] = {}
 
     def __enter__(self) -> Self:
@@ -195,7 +187,8 @@ class SubprocessRunner:
 
     def _decode(self, value: Any) -> Any:
         try:
-            return self._codec.materialise(value)
+            # The daemon's own walk: both directions use one definition of the channel's values.
+            return materialise(value, {})
         except Exception as exc:
             raise SomaError(
                 f"cannot read a value returned by the subprocess: {exc}; is every module it needs "
@@ -204,7 +197,7 @@ class SubprocessRunner:
 
     def _state(self, node_id: str, value: Any) -> Any:
         """A state from the child: weights trained there are loaded into our filter object."""
-        from soma.isolation.daemon import is_envelope, unwrap_state
+        from soma.isolation.training import is_envelope, unwrap_state
 
         state = self._decode(value)
         if is_envelope(state):

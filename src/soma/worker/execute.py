@@ -39,7 +39,7 @@ import msgpack
 import numpy as np
 
 from soma.errors import SomaConfigError, SomaError
-from soma.isolation.daemon import is_envelope
+from soma.isolation.training import is_envelope
 from soma.isolation.limits import affinity_for
 from soma.isolation.markers import Handle, Opaque, TorchData
 from soma.isolation.pool import Pool
