@@ -43,7 +43,9 @@ from soma.isolation.training import is_envelope
 from soma.isolation.limits import affinity_for
 from soma.isolation.markers import Handle, Opaque, TorchData
 from soma.isolation.pool import Pool
-from soma.isolation.process import Child, ChildFailure, ChildSpec
+from soma.isolation.failures import ChildFailure
+from soma.isolation.process import Child
+from soma.isolation.spec import ChildSpec
 from soma.log import worker_logger
 from soma.runtime import events as ev
 from soma.wire import v1, v2
@@ -711,9 +713,10 @@ class PlanExecutor:
         return await loop.run_in_executor(self._io, functools.partial(fn, *args, **kwargs))
 
     async def _returned(self, key: tuple[Any, ...]) -> None:
-        """Wait (briefly) for children of ``key`` still being reset: reusing one beats spawning one."""
+        """With no idle child, wait (briefly) for children of ``key`` still being reset: reusing one
+        beats spawning one."""
         returning = self._returning.get(key)
-        if returning:
+        if returning and self._pool.stats().idle == 0:
             await asyncio.wait(returning, timeout=_RETURN_WAIT_S)
 
     async def _give_back(self, key: tuple[Any, ...], checkout: Any) -> None:
