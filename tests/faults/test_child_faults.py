@@ -15,9 +15,11 @@ import psutil
 import pytest
 
 from soma.errors import ChildError, ChildTimeoutError
+from soma.isolation.failures import ChildFailure, failure_to_error
 from soma.isolation.limits import MemoryWatch
 from soma.isolation.pool import Pool
-from soma.isolation.process import Child, ChildFailure, ChildSpec, failure_to_error
+from soma.isolation.process import Child
+from soma.isolation.spec import ChildSpec
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

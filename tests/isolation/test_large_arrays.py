@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from soma.isolation.limits import read_rss
-from soma.isolation.process import Child, ChildSpec
+from soma.isolation.process import Child
+from soma.isolation.spec import ChildSpec
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

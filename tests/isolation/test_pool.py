@@ -17,8 +17,10 @@ import pytest
 
 from soma.errors import SomaConfigError, SomaError
 from soma.isolation import pool as pool_module
+from soma.isolation.failures import ChildFailure
 from soma.isolation.pool import Pool, default_pool
-from soma.isolation.process import Child, ChildFailure, ChildSpec
+from soma.isolation.process import Child
+from soma.isolation.spec import ChildSpec
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -247,7 +249,7 @@ _OWNER = textwrap.dedent(
     """
     import sys, time
     from soma.isolation.pool import Pool
-    from soma.isolation.process import ChildSpec
+    from soma.isolation.spec import ChildSpec
 
     pool = Pool()
     pool.prewarm(ChildSpec(), 2)

@@ -22,8 +22,10 @@ from soma.errors import (
     SomaConfigError,
     SomaError,
 )
+from soma.isolation.failures import ChildFailure, failure_to_error
 from soma.isolation.markers import Opaque
-from soma.isolation.process import Child, ChildFailure, ChildSpec, failure_to_error
+from soma.isolation.process import Child
+from soma.isolation.spec import ChildSpec
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

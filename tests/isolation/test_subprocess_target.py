@@ -20,7 +20,7 @@ from soma import Filter, Graph
 from soma.errors import ChildError, ChildTimeoutError, FilterError, SomaConfigError
 from soma.isolation import pool as pool_module
 from soma.isolation.pool import default_pool
-from soma.isolation.process import ChildSpec
+from soma.isolation.spec import ChildSpec
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -28,8 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 from soma.errors import SomaConfigError, SomaError
+from soma.isolation.failures import ChildFailure
 from soma.isolation.limits import MemoryWatch
-from soma.isolation.process import Child, ChildFailure, ChildSpec, OutputHook, Spawner
+from soma.isolation.output import OutputHook
+from soma.isolation.process import Child
+from soma.isolation.spawner import Spawner
+from soma.isolation.spec import ChildSpec
 from soma.log import isolation_logger
 
 __all__ = ["Pool", "PoolStats", "default_pool"]

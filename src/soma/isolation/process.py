@@ -15,75 +15,39 @@ group, and ``kill(reason)`` does the same from any thread. Whatever ends a
 call early becomes a ``ChildFailure`` naming pid, interpreter, exit code or signal and
 the stderr tail, and the child is never used again.
 
-Children are started from a long-lived ``Spawner`` thread: the daemon sets
-``PR_SET_PDEATHSIG``, which fires when the *thread* that spawned it exits.
+Children are started from a long-lived ``Spawner`` thread (``spawner``). The launch
+description is ``spec.ChildSpec``, the failures and their mapping to soma errors
+live in ``failures``, and the stdout/stderr readers in ``output``: this module holds
+only what one running child needs to be called, killed and reaped.
 """
 
 from __future__ import annotations
 
-import builtins
-import collections
-import concurrent.futures
 import contextlib
 import itertools
 import math
 import os
 import pickle
-import queue
-import re
 import select
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import types
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import IO, Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
-import soma
-from soma.errors import (
-    ChildError,
-    ChildTimeoutError,
-    FilterError,
-    RowMismatchError,
-    SomaConfigError,
-    SomaError,
-)
+from soma.errors import SomaConfigError
 from soma.isolation import channel
-from soma.isolation.limits import THREAD_VARIABLES, apply_affinity, read_rss
-from soma.log import child_logger, isolation_logger
+from soma.isolation.failures import PARENT_CODES, ChildFailure
+from soma.isolation.limits import apply_affinity, read_rss
+from soma.isolation.output import TAIL_LINES, OutputCapture, OutputHook
+from soma.isolation.spawner import Spawner, default_spawner
+from soma.isolation.spec import ChildSpec
+from soma.log import isolation_logger
 
-__all__ = [
-    "COMMAND_CAPS",
-    "PARENT_CODES",
-    "Child",
-    "ChildFailure",
-    "ChildSpec",
-    "OutputHook",
-    "Spawner",
-    "failure_to_error",
-]
-
-T = TypeVar("T")
-
-OutputHook = Callable[[str, str], None]
-"""``on_output(stream, line)``: called for every line the child writes to stdout or stderr."""
-
-PARENT_CODES = frozenset(
-    {
-        "child_start_failed",
-        "child_crashed",
-        "child_protocol_error",
-        "timeout",
-        "cancelled",
-        "memory_limit",
-    }
-)
-"""Failure codes raised by the parent about the child (isolation.md §5)."""
+__all__ = ["COMMAND_CAPS", "Child"]
 
 COMMAND_CAPS: Mapping[str, float] = {
     "LOAD": 120.0,
@@ -95,173 +59,9 @@ COMMAND_CAPS: Mapping[str, float] = {
 }
 """Per-command caps on a call's deadline (isolation.md §6)."""
 
-_LAUNCH = "import soma.isolation.daemon as d; d.main()"
-_LINE_LIMIT = 64 * 1024
-_TAIL_LINES = 200
 _SHUTDOWN_GRACE = 2.0
 _EXIT_WAIT = 0.5
 _DEATH_CODES = PARENT_CODES | {"encoding_error"}
-_SOMA_LINK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(soma.__file__)))
-
-
-@dataclass(frozen=True)
-class ChildSpec:
-    """How to launch a child, and the limits it runs under.
-
-    Children with equal ``pool_key`` are interchangeable and pooled together; the other
-    fields are launch options and limits. ``extra_env`` is copied into a read-only
-    mapping so a spec stays immutable.
-    """
-
-    interpreter: str = field(default_factory=lambda: sys.executable)
-    env_key: str = "default"
-    cuda_visible_devices: str | None = None
-    threads: int | None = None
-    extra_env: Mapping[str, str] = field(default_factory=dict, hash=False)
-    work_root: str | None = None
-    memory_limit: int | None = None
-    rlimit_as: int | None = None
-    cpu_affinity: frozenset[int] | None = None
-    start_timeout: float = 30.0
-    pythonpath: str = _SOMA_LINK_DIR
-    max_frame: int | None = None
-
-    def __post_init__(self) -> None:
-        extra = {str(k): str(v) for k, v in dict(self.extra_env).items()}
-        object.__setattr__(self, "extra_env", types.MappingProxyType(extra))
-        if self.cpu_affinity is not None:
-            object.__setattr__(self, "cpu_affinity", frozenset(self.cpu_affinity))
-        if self.threads is not None and self.threads < 1:
-            raise SomaConfigError(f"threads must be >= 1, got {self.threads}")
-        if self.start_timeout <= 0:
-            raise SomaConfigError(
-                f"start_timeout must be > 0, got {self.start_timeout}"
-            )
-        for name in ("memory_limit", "rlimit_as", "max_frame"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise SomaConfigError(
-                    f"{name} must be a positive number of bytes, got {value}"
-                )
-
-    @property
-    def pool_key(self) -> tuple[str, str, str | None, int | None]:
-        """(interpreter realpath, environment key, visible GPU set, thread count)."""
-        return (
-            os.path.realpath(self.interpreter),
-            self.env_key,
-            self.cuda_visible_devices,
-            self.threads,
-        )
-
-    def environment(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
-        """The child's environment (isolation.md §2.1), built from ``base`` (default ``os.environ``).
-
-        Every ``SOMA_*`` variable but ``SOMA_LOG_LEVEL`` is dropped so no token leaks into
-        user code. Thread variables the operator set in ``base`` keep their values.
-        """
-        base = os.environ if base is None else base
-        env = {
-            k: v
-            for k, v in base.items()
-            if not k.startswith("SOMA_") or k == "SOMA_LOG_LEVEL"
-        }
-        env.update(self.extra_env)
-        if self.threads is not None:
-            for name in THREAD_VARIABLES:
-                env.setdefault(name, str(self.threads))
-        inherited = base.get("PYTHONPATH")
-        env["PYTHONPATH"] = self.pythonpath + (
-            os.pathsep + inherited if inherited else ""
-        )
-        env["PYTHONUNBUFFERED"] = "1"
-        env["SOMA_CHILD"] = "1"
-        if self.cuda_visible_devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = self.cuda_visible_devices
-        return env
-
-    def command(
-        self, request_fd: int, reply_fd: int, ring_fds: tuple[int, int] | None = None
-    ) -> list[str]:
-        """The launch command line; the child reads requests from ``request_fd``.
-
-        ``ring_fds`` are the memfds of the request and reply ``channel.Ring``.
-        """
-        argv = [self.interpreter, "-c", _LAUNCH, "--fds", f"{request_fd},{reply_fd}"]
-        if ring_fds is not None:
-            argv += ["--rings", f"{ring_fds[0]},{ring_fds[1]}"]
-        if self.rlimit_as is not None:
-            argv += ["--rlimit-as", str(self.rlimit_as)]
-        return argv
-
-
-class ChildFailure(Exception):
-    """A call, start or kill of a child failed.
-
-    ``code`` is a child code passed through from the child's error reply (``user_error``,
-    ``unknown_node``, ...) or a parent code of ``PARENT_CODES``; ``details`` holds pid,
-    interpreter, env_key, exit_code, signal, rss, stderr_tail, node_id, command and, for
-    child errors, the child's error object under ``error``.
-    """
-
-    def __init__(
-        self, code: str, message: str, details: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.details = details or {}
-
-
-class Spawner:
-    """A long-lived thread that starts child processes.
-
-    The daemon asks the kernel to SIGKILL it when the thread that forked it exits, so
-    children must never be started from short-lived threads; every ``Popen`` goes through
-    one of these instead. ``stop()`` ends the thread, which kills children it started
-    that are still alive.
-    """
-
-    def __init__(self, name: str = "soma-spawner") -> None:
-        self._name = name
-        self._jobs: queue.SimpleQueue[
-            tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None
-        ]
-        self._jobs = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def run(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the spawner thread and return its result (or raise its exception)."""
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._loop, name=self._name, daemon=True
-                )
-                self._thread.start()
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._jobs.put((fn, future))
-        return future.result()
-
-    def stop(self) -> None:
-        """End the thread after the jobs already queued."""
-        with self._lock:
-            thread, self._thread = self._thread, None
-        if thread is not None:
-            self._jobs.put(None)
-            thread.join()
-
-    def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            fn, future = job
-            try:
-                future.set_result(fn())
-            except BaseException as exc:  # noqa: BLE001 - the waiting caller re-raises it
-                future.set_exception(exc)
-
-
-_default_spawner = Spawner("soma-spawner-default")
-
 
 _child_numbers = itertools.count(1)
 
@@ -371,22 +171,10 @@ class Child:
         self._kill_reason: tuple[str, str, int | None] | None = None
         self._reaped = False
         self._closed = False
-        self._tails: dict[str, collections.deque[str]] = {
-            "stdout": collections.deque(maxlen=_TAIL_LINES),
-            "stderr": collections.deque(maxlen=_TAIL_LINES),
-        }
         assert process.stdout is not None and process.stderr is not None
-        self._readers = [
-            threading.Thread(
-                target=self._pump,
-                args=(name, pipe),
-                name=f"soma-child-{self._pid}-{name}",
-                daemon=True,
-            )
-            for name, pipe in (("stdout", process.stdout), ("stderr", process.stderr))
-        ]
-        for reader in self._readers:
-            reader.start()
+        self._output = OutputCapture(
+            self._pid, {"stdout": process.stdout, "stderr": process.stderr}, self
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -429,7 +217,7 @@ class Child:
             )
 
         try:
-            process = (spawner or _default_spawner).run(start)
+            process = (spawner or default_spawner).run(start)
         except OSError as exc:
             for fd in (request_r, request_w, reply_r, reply_w, *(ring_fds or ())):
                 os.close(fd)
@@ -528,13 +316,13 @@ class Child:
 
     def stderr_tail(self, lines: int = 20) -> str:
         """The last ``lines`` lines the child wrote to stderr."""
-        return "\n".join(list(self._tails["stderr"])[-lines:])
+        return "\n".join(self._output.tail("stderr", lines))
 
     def output_tail(
-        self, stream: str = "stdout", lines: int = _TAIL_LINES
+        self, stream: str = "stdout", lines: int = TAIL_LINES
     ) -> list[str]:
         """The last lines (at most 200 kept) the child wrote to ``stream``."""
-        return list(self._tails[stream])[-lines:]
+        return self._output.tail(stream, lines)
 
     def kill(self, reason: str, *, detail: str = "", rss: int | None = None) -> None:
         """SIGKILL the child's process group; callable from any thread.
@@ -861,42 +649,12 @@ class Child:
                     os.killpg(self._pid, signal.SIGKILL)
                 self._process.wait()
                 self._reaped = True
-        for reader in self._readers:
-            reader.join(timeout=1.0)
+        self._output.join(timeout=1.0)
         for fd in (self._request_fd, self._reply_fd, self._pidfd, *(self._ring_fds or ())):
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         shutil.rmtree(self._cwd, ignore_errors=True)
-
-    def _pump(self, stream: str, pipe: IO[bytes]) -> None:
-        tail = self._tails[stream]
-        with pipe:
-            while line := pipe.readline(_LINE_LIMIT):
-                text = line.decode("utf-8", "replace").removesuffix("\n")
-                tail.append(text)
-                child_logger.info(
-                    "child %d plan=%s node=%s %s: %s",
-                    self._pid,
-                    self.plan_id,
-                    self.node_id,
-                    stream,
-                    text,
-                    extra={
-                        "pid": self._pid,
-                        "plan_id": self.plan_id,
-                        "node_id": self.node_id,
-                        "stream": stream,
-                    },
-                )
-                hook = self.on_output
-                if hook is not None:
-                    try:
-                        hook(stream, text)
-                    except Exception:  # noqa: BLE001 - a failing hook must not stop the pump
-                        isolation_logger.exception(
-                            "on_output hook of child %d failed", self._pid
-                        )
 
     def __repr__(self) -> str:
         state = "alive" if self.alive else "dead"
@@ -912,91 +670,3 @@ def _readable(fd: int, timeout: float) -> bool:
 
 def _full_loads(payload: Any, buffers: Iterable[Any]) -> Any:
     return pickle.loads(payload, buffers=buffers)
-
-
-# -- mapping failures to the user-facing errors ------------------------------------------------
-
-_ROWS = re.compile(r"(\d+) vs (\d+)")
-_CHILD_ERROR_CODES = PARENT_CODES - {"timeout"}
-_CONFIG_CODES = frozenset({"state_mismatch", "gradient_mismatch"})
-_INTERNAL_CODES = frozenset({"bad_request", "unknown_command", "unknown_node"})
-
-
-def _rebuild(error: Mapping[str, Any]) -> Exception | None:
-    """A builtin exception equal in type and message to the child's, else ``None``."""
-    if error.get("module") != "builtins":
-        return None
-    cls = getattr(builtins, str(error.get("type")), None)
-    if not (isinstance(cls, type) and issubclass(cls, Exception)):
-        return None
-    try:
-        return cls(error.get("message", ""))
-    except TypeError:
-        return None
-
-
-def failure_to_error(
-    failure: ChildFailure, *, where: str, phase: str | None = None
-) -> SomaError:
-    """The user-facing error for a child failure (worker.md §5.8, api.md §5.7).
-
-    ``user_error`` -> ``FilterError`` ("Python <method>() error: <Type>: <msg>", with
-    ``remote_traceback``; ``original`` is a rebuilt builtin exception or ``None``);
-    ``row_mismatch`` -> ``RowMismatchError``; ``timeout`` -> ``ChildTimeoutError``;
-    the other parent codes -> ``ChildError``; ``state_mismatch`` and
-    ``gradient_mismatch`` -> ``SomaConfigError``; anything else -> ``SomaError``.
-    Every result carries ``code``, ``retryable`` and ``node_id``; its ``__cause__`` is
-    the rebuilt exception or the failure.
-    """
-    details = failure.details
-    error: Mapping[str, Any] = details.get("error") or {}
-    node_id = error.get("node_id") or details.get("node_id")
-    result: SomaError
-    if failure.code == "user_error":
-        original = _rebuild(error)
-        result = FilterError(
-            str(error.get("method") or "forward"),
-            original,
-            node_id=node_id,
-            phase=phase,
-            type_name=str(error.get("type") or "Exception"),
-            message=str(error.get("message", failure.message)),
-            remote_traceback=error.get("traceback"),
-        )
-        result.__cause__ = original or failure
-        return result
-    if failure.code == "row_mismatch":
-        match = _ROWS.search(failure.message)
-        if match:
-            result = RowMismatchError(int(match.group(1)), int(match.group(2)))
-        else:
-            result = SomaConfigError(failure.message)
-    elif failure.code == "timeout" or failure.code in _CHILD_ERROR_CODES:
-        cls = ChildTimeoutError if failure.code == "timeout" else ChildError
-        result = cls(
-            failure.code,
-            failure.message,
-            signal=details.get("signal"),
-            exit_code=details.get("exit_code"),
-            rss=details.get("rss"),
-            stderr_tail=details.get("stderr_tail") or "",
-            where=where,
-            node_id=node_id,
-        )
-    elif failure.code in _CONFIG_CODES:
-        result = SomaConfigError(failure.message)
-    elif failure.code in _INTERNAL_CODES:
-        result = SomaError(
-            f"internal error in the {where} child protocol: {failure.code}: {failure.message}"
-        )
-    else:
-        result = SomaError(f"{failure.code}: {failure.message}")
-    # Like the worker's client mapping, every error carries code, retryable and node_id.
-    tags: dict[str, Any] = {"node_id": node_id}
-    if not isinstance(result, ChildError):
-        tags["code"] = "internal" if failure.code in _INTERNAL_CODES else failure.code
-        tags["retryable"] = False
-    for name, value in tags.items():
-        setattr(result, name, value)
-    result.__cause__ = failure
-    return result

@@ -32,9 +32,11 @@ import cloudpickle
 
 from soma.errors import ChildTimeoutError, SomaError
 from soma.filter import read_meta
+from soma.isolation.failures import ChildFailure, failure_to_error
 from soma.isolation.markers import Opaque
 from soma.isolation.pool import Pool, default_pool
-from soma.isolation.process import Child, ChildFailure, ChildSpec, failure_to_error
+from soma.isolation.process import Child
+from soma.isolation.spec import ChildSpec
 from soma.isolation.values import materialise
 from soma.runtime.batching import BatchCallback
 from soma.runtime.executor import RunnerSpec

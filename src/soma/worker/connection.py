@@ -66,7 +66,7 @@ from soma.wire.messages import (
 )
 
 if TYPE_CHECKING:
-    from soma.isolation.process import ChildSpec
+    from soma.isolation.spec import ChildSpec
     from soma.worker.config import WorkerConfig
     from soma.worker.metrics import WorkerMetrics
 

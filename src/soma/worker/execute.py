@@ -39,13 +39,13 @@ import msgpack
 import numpy as np
 
 from soma.errors import SomaConfigError, SomaError
-from soma.isolation.training import is_envelope
+from soma.isolation.failures import ChildFailure
 from soma.isolation.limits import affinity_for
 from soma.isolation.markers import Handle, Opaque, TorchData
 from soma.isolation.pool import Pool
-from soma.isolation.failures import ChildFailure
 from soma.isolation.process import Child
 from soma.isolation.spec import ChildSpec
+from soma.isolation.training import is_envelope
 from soma.log import worker_logger
 from soma.runtime import events as ev
 from soma.wire import v1, v2
