@@ -96,6 +96,7 @@ __all__ = [
 SUBPROTOCOL = "soma.v2"
 V2_CONTENT_TYPE = "application/vnd.soma.v2"
 _LARGE_BODY = 1 << 20
+_SEND_SLICE = 1 << 20
 
 T = TypeVar("T")
 Body = bytes | Sequence[bytes | memoryview]
@@ -367,8 +368,12 @@ async def _read_body(response: Any) -> bytes | bytearray:
 
 
 async def _stream(parts: Sequence[bytes | memoryview]) -> AsyncIterator[bytes | memoryview]:
+    # A slice at a time: the socket takes most of each at once, and only the rest is copied
+    # into the transport's buffer (a 100 MB part written whole would be copied whole).
     for part in parts:
-        yield part
+        view = memoryview(part).cast("B")
+        for start in range(0, view.nbytes, _SEND_SLICE):
+            yield view[start : start + _SEND_SLICE]
 
 
 def _redact(url: str) -> str:
