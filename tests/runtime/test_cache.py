@@ -18,7 +18,7 @@ import pytest
 
 from soma.errors import CacheError, SomaConfigError, SomaWarning
 from soma.runtime.cache import Cache, CacheHit, DiskTier, dumps, estimate_size
-from soma.runtime.hashing import cache_key
+from soma.runtime.keys import cache_key
 
 
 def key(name: str) -> str:
@@ -276,7 +276,7 @@ def test_another_process_reads_what_this_one_wrote(tmp_path: Path) -> None:
     Cache(directory=tmp_path).put(key("shared"), {"array": np.arange(4.0)})
     script = (
         "import sys; from soma.runtime.cache import Cache; "
-        "from soma.runtime.hashing import cache_key; "
+        "from soma.runtime.keys import cache_key; "
         "hit = Cache(directory=sys.argv[1]).lookup(cache_key('shared')); "
         "print(hit.tier, hit.value['array'].sum()); "
         "Cache(directory=sys.argv[1]).put(cache_key('back'), [7, None], kind='state')"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from soma.runtime.hashing import code_fingerprint
+from soma.runtime.fingerprint import code_fingerprint
 from soma.runtime.usercode import is_user_module
 
 MakeModule = Callable[[str, str], types.ModuleType]

@@ -23,16 +23,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from soma.errors import SomaConfigError
-from soma.runtime.hashing import (
-    Unhashable,
-    cache_key,
-    code_fingerprint,
-    content,
-    fanin_key,
-    filter_identity,
-    fit_key,
-    out_key,
-)
+from soma.runtime.fingerprint import code_fingerprint
+from soma.runtime.hashing import Unhashable, content, filter_identity
+from soma.runtime.keys import cache_key, fanin_key, fit_key, out_key
 
 MakeModule = Callable[[str, str], types.ModuleType]
 

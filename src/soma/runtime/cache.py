@@ -4,7 +4,7 @@
     put(key, v) ──► memory (by reference, within budget)
                 └─► disk   (pickled once, written to a temp file, renamed into place)
 
-Keys are the SHA-256 hex strings of ``soma.runtime.hashing``. The disk layout,
+Keys are the SHA-256 hex strings of ``soma.runtime.keys``. The disk layout,
 ``<dir>/v1/<hex[:2]>/<hex>.pkl`` plus a ``<hex>.json`` sidecar, is shared by every
 process and worker pointed at the same directory; atomic renames make concurrent
 writers safe. Workers store pre-pickled blobs through ``DiskTier.write_bytes``

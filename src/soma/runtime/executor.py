@@ -62,7 +62,8 @@ from soma.runtime.batching import (
 )
 from soma.runtime.cache import Cache, CacheHit
 from soma.runtime.events import EventHub
-from soma.runtime.hashing import Unhashable, content, fanin_key, filter_identity, fit_key, out_key
+from soma.runtime.hashing import Unhashable, content, filter_identity
+from soma.runtime.keys import fanin_key, fit_key, out_key
 from soma.runtime.plan import (
     Branch,
     Cached,
