@@ -36,16 +36,10 @@ from soma.errors import (
 from soma.filter import check_filter, default_node_id, params_of, read_meta
 from soma.runtime.cache import Cache
 from soma.runtime.events import EventCallback, EventHub, Subscription
-from soma.runtime.executor import (
-    KeyBook,
-    NodeRecord,
-    PlanFacts,
-    RemoteRunnerFactory,
-    Run,
-    RunnerFactory,
-    default_runners,
-)
+from soma.runtime.executor import PlanFacts, Run
 from soma.runtime.hashing import Unhashable, content
+from soma.runtime.keys import KeyBook
+from soma.runtime.nodes import NodeRecord
 from soma.runtime.plan import (
     GraphShape,
     NodeSpec,
@@ -60,6 +54,7 @@ from soma.runtime.plan import (
     resolve_placement,
 )
 from soma.runtime.render import graph_graphviz, graph_mermaid, graph_text, plan_mermaid, plan_text
+from soma.runtime.runners import RemoteRunnerFactory, RunnerFactory, default_runners
 from soma.runtime.usercode import capture_source, register_by_value
 
 __all__ = ["Graph"]
@@ -395,7 +390,7 @@ class Graph:
         )
 
     def _runner_factories(self) -> dict[str, RunnerFactory]:
-        """Runner factories by kind (``"local"``, ``"subprocess"``); see ``soma.runtime.executor``."""
+        """Runner factories by kind (``"local"``, ``"subprocess"``); see ``soma.runtime.runners``."""
         return default_runners()
 
     def _remote_runner_factory(self) -> RemoteRunnerFactory | None:

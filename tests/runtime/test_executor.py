@@ -24,13 +24,8 @@ from _graph_filters import (
 from soma import CompileError, Filter, FilterError, SomaConfigError, SomaError
 from soma.errors import ChildError, RowMismatchError
 from soma.graph import Graph
-from soma.runtime.executor import (
-    BlockRequest,
-    BlockResult,
-    InProcessRunner,
-    RunnerSpec,
-    has_parameter_owner,
-)
+from soma.runtime.nodes import has_parameter_owner
+from soma.runtime.runners import BlockRequest, BlockResult, InProcessRunner, RunnerSpec
 from soma.runtime.plan import Execute, Loop
 
 

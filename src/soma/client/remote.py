@@ -44,7 +44,8 @@ from soma.isolation.child_errors import CommandError, UserCodeError
 from soma.isolation.training import unwrap_state
 from soma.runtime import events as ev
 from soma.runtime.cache import Cache
-from soma.runtime.executor import BlockRequest, BlockResult, NodeRecord, RemoteRunnerFactory, RunnerSpec
+from soma.runtime.nodes import NodeRecord
+from soma.runtime.runners import BlockRequest, BlockResult, RemoteRunnerFactory, RunnerSpec
 from soma.wire import v2
 from soma.wire.errors import WireError
 from soma.wire.messages import (
@@ -309,7 +310,7 @@ def _fetched(client: RemoteClient, value: Any) -> Any:
 
 
 def _trains_in_place(filter_obj: Any) -> bool:
-    from soma.runtime.executor import has_parameter_owner
+    from soma.runtime.nodes import has_parameter_owner
 
     return has_parameter_owner(filter_obj)
 

@@ -16,22 +16,12 @@ Data flow of one run::
         RunCompleted / RunFailed
       -> RunOutcome(outputs, states, state_keys); the Graph commits states on success.
 
-**The runner seam.** The walker never calls user code itself; it calls a
-``NodeRunner``. A runner factory receives a ``RunnerSpec`` (the run's phase, the
-node ids and filters it will execute, the seed and the timeout) and returns a context
-manager, opened once per run, with ``fit(node_id, x, y)``,
-``partial_fit(node_id, x, y, batch_size, on_batch)`` (the whole §5.4 batch loop),
-``forward(node_id, x, state)``, ``update(node_id, x, state)`` and a ``where`` string
-(``NodeStarted.target``). ``InProcessRunner`` calls user code directly and converts
-its exceptions to ``FilterError``. Runners for other places (a ``"subprocess"``
-runner executing nodes in an isolated child) are added to the mapping passed as
-``runners``, keyed by runner kind; a node's kind is ``"subprocess"`` for that target
-or ``Graph(isolation="subprocess")``, else ``"local"``; a kind without a registered
-factory runs in process. Runners may raise ``FilterError`` or ``ChildError``
-themselves: the walker passes them through, filling ``node_id`` and ``phase``.
-``Remote`` blocks go to a ``RemoteRunner`` (``remote_runner(target, spec)``) with one
-``run_block(BlockRequest, emit) -> BlockResult`` call per block; without one, a plan
-with a ``Remote`` step raises ``CompileError`` before any user code runs.
+The walker never calls user code itself: a ``NodeRunner`` does (``soma.runtime.runners``
+holds that seam and the ``Remote`` block contract). Cache keys come from a ``KeyBook``
+(``soma.runtime.keys``), nodes are ``NodeRecord``s (``soma.runtime.nodes``). What stays
+here is the walk itself: the plan walk with its thread pool, cache lookups and shared
+fits, and the streamed forward, which drives the same runners, events and failure
+bookkeeping chunk by chunk.
 """
 
 from __future__ import annotations
@@ -43,27 +33,23 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Protocol, Self
+from dataclasses import dataclass
+from typing import Any
 
-from soma.errors import ChildError, CompileError, FilterError, RowMismatchError
-from soma.filter import params_of
+from soma.errors import ChildError, CompileError, FilterError
 from soma.runtime import events as ev
 from soma.runtime.batching import (
-    BatchCallback,
     concat_chunks,
     has_partial_fit,
     is_row_sliceable,
     n_rows,
     output_summary,
-    partial_fit_loop,
     split_chunks,
 )
 from soma.runtime.cache import Cache, CacheHit
 from soma.runtime.events import EventHub
-from soma.runtime.hashing import Unhashable, content, filter_identity
-from soma.runtime.keys import fanin_key, fit_key, out_key
+from soma.runtime.keys import KeyBook
+from soma.runtime.nodes import NodeRecord, has_parameter_owner
 from soma.runtime.plan import (
     Branch,
     Cached,
@@ -80,500 +66,23 @@ from soma.runtime.plan import (
     iter_steps,
     parallel_branches,
 )
-
-__all__ = [
-    "BlockRequest",
-    "BlockResult",
-    "InProcessRunner",
-    "KeyBook",
-    "NodeRecord",
-    "NodeRunner",
-    "PlanFacts",
-    "RemoteRunner",
-    "RemoteRunnerFactory",
-    "Run",
-    "RunOutcome",
-    "RunnerFactory",
-    "RunnerSpec",
-    "default_runners",
-    "has_parameter_owner",
-]
-
-
-# ---------------------------------------------------------------------------- node records
-
-
-class NodeRecord:
-    """One node as the executor sees it: the filter and the metadata read at ``node()`` time."""
-
-    __slots__ = (
-        "_identity",
-        "_key_memo",
-        "_params_memo",
-        "cacheable",
-        "differentiable",
-        "filter",
-        "filter_name",
-        "node_id",
-        "requirements",
-        "stream_mode",
-        "target",
-        "trainable",
-        "version",
-    )
-
-    def __init__(
-        self,
-        node_id: str,
-        filter_obj: Any,
-        *,
-        trainable: bool,
-        differentiable: bool = False,
-        cacheable: bool = True,
-        stream_mode: str = "fixed",
-        target: str = "any",
-        version: Any = None,
-        requirements: tuple[str, ...] = (),
-    ) -> None:
-        self.node_id = node_id
-        self.filter = filter_obj
-        self.filter_name = type(filter_obj).__name__
-        self.trainable = trainable
-        self.differentiable = differentiable
-        self.cacheable = cacheable
-        self.stream_mode = stream_mode
-        self.target = target
-        self.version = version
-        self.requirements = requirements
-        self._identity: bytes | None = None
-        self._params_memo: tuple[tuple[Any, ...], bytes] | None = None
-        self._key_memo: dict[tuple[Any, ...], str] = {}
-
-    @property
-    def kind(self) -> str:
-        """``"Trainable"`` or ``"Stateless"``, as events name it."""
-        return "Trainable" if self.trainable else "Stateless"
-
-    def identity(self) -> bytes:
-        """The filter identity of §6.1, computed once: class code, ``_version`` and requirements are fixed."""
-        if self._identity is None:
-            self._identity = filter_identity(self.filter, self.version, self.requirements)
-        return self._identity
-
-    def params_content(self) -> bytes:
-        """``content`` of the filter's current parameters (read at every run).
-
-        Raises ``Unhashable``. Parameters made only of immutable scalars are compared
-        with the previous run's and their digest reused while unchanged.
-        """
-        snapshot = _scalar_snapshot(self.filter)
-        memo = self._params_memo
-        if memo is not None and snapshot is not None and memo[0] == snapshot:
-            return memo[1]
-        digest = content(params_of(self.filter))
-        if snapshot is not None:
-            self._params_memo = (snapshot, digest)
-        return digest
-
-    def derived_key(self, parts: tuple[Any, ...]) -> str:
-        """``fit_key`` (``parts[0] == "state"``) or ``out_key`` of this node, memoised by their parts."""
-        key = self._key_memo.get(parts)
-        if key is None:
-            if len(self._key_memo) >= _KEY_MEMO_LIMIT:
-                self._key_memo.clear()
-            if parts[0] == "state":
-                key = fit_key(self.identity(), *parts[1:])
-            else:
-                key = out_key(self.identity(), *parts[1:])
-            self._key_memo[parts] = key
-        return key
-
-    def copy_with(self, filter_obj: Any) -> NodeRecord:
-        """The same node around another filter object of the same class (``Graph.with_params``)."""
-        twin = NodeRecord(
-            self.node_id,
-            filter_obj,
-            trainable=self.trainable,
-            differentiable=self.differentiable,
-            cacheable=self.cacheable,
-            stream_mode=self.stream_mode,
-            target=self.target,
-            version=self.version,
-            requirements=self.requirements,
-        )
-        if type(filter_obj) is type(self.filter):
-            twin._identity = self._identity
-        return twin
-
-
-_KEY_MEMO_LIMIT = 256
-_SCALARS = frozenset({type(None), bool, int, str, bytes})
-
-
-def _scalar_snapshot(filter_obj: Any) -> tuple[Any, ...] | None:
-    """A comparable image of ``params_of(filter_obj)`` when it holds only immutable scalars, else ``None``.
-
-    Types are part of it (``1 == 1.0 == True`` must not match) and floats are compared
-    by ``float.hex`` (``0.0 == -0.0`` must not match either). It reads the instance
-    ``__dict__`` in place, applying ``params_of``'s rule (public str names), so that
-    an unchanged filter costs no copy of its parameters at each run.
-    """
-    values = getattr(filter_obj, "__dict__", None)
-    if not values:
-        return ()  # no instance attributes: no parameters
-    if type(values) is not dict:
-        return None
-    items: list[tuple[str, type, Any]] = []
-    for name, value in values.items():
-        if not isinstance(name, str) or name.startswith("_"):
-            continue
-        kind = type(value)
-        if kind is float:
-            items.append((name, kind, value.hex()))
-        elif kind in _SCALARS:
-            items.append((name, kind, value))
-        else:
-            return None
-    return tuple(items)
-
-
-def has_parameter_owner(filter_obj: Any) -> bool:
-    """Whether a filter trains weights in place (isolation.md §4): its fit states are never cached."""
-    if callable(getattr(filter_obj, "soma_module", None)):
-        return True
-    if callable(getattr(filter_obj, "named_parameters", None)):
-        return True
-    return any(
-        callable(getattr(getattr(filter_obj, name, None), "named_parameters", None))
-        for name in ("module", "model", "net")
-    )
-
-
-# ---------------------------------------------------------------------------- runner seam
-
-
-@dataclass(frozen=True)
-class RunnerSpec:
-    """What a runner is told when a run opens it."""
-
-    phase: str
-    node_ids: tuple[str, ...]
-    filters: Mapping[str, Any]
-    seed: int | None
-    timeout: float | None
-
-
-class NodeRunner(Protocol):
-    """Executes user methods of the nodes it was opened for (see the module docstring)."""
-
-    where: str
-
-    def __enter__(self) -> Self: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-    def fit(self, node_id: str, x: Any, y: Any) -> Any: ...
-
-    def partial_fit(
-        self, node_id: str, x: Any, y: Any, batch_size: int, on_batch: BatchCallback
-    ) -> Any: ...
-
-    def forward(self, node_id: str, x: Any, state: Any) -> Any: ...
-
-    def update(self, node_id: str, x: Any, state: Any) -> Any: ...
-
-
-RunnerFactory = Callable[[RunnerSpec], NodeRunner]
-
-
-class InProcessRunner:
-    """Calls user code on the calling thread; user exceptions become ``FilterError``."""
-
-    where = "local"
-
-    def __init__(self, spec: RunnerSpec) -> None:
-        self._filters = spec.filters
-        self._phase = spec.phase
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
-
-    def _error(self, method: str, node_id: str, exc: Exception) -> FilterError:
-        return FilterError(method, exc, node_id=node_id, phase=self._phase)
-
-    def fit(self, node_id: str, x: Any, y: Any) -> Any:
-        try:
-            return self._filters[node_id].fit(x, y)
-        except Exception as exc:
-            raise self._error("fit", node_id, exc) from exc
-
-    def partial_fit(
-        self, node_id: str, x: Any, y: Any, batch_size: int, on_batch: BatchCallback
-    ) -> Any:
-        try:
-            return partial_fit_loop(self._filters[node_id], x, y, batch_size, on_batch)
-        except RowMismatchError:
-            raise
-        except Exception as exc:
-            raise self._error("partial_fit", node_id, exc) from exc
-
-    def forward(self, node_id: str, x: Any, state: Any) -> Any:
-        try:
-            return self._filters[node_id].forward(x, state)
-        except Exception as exc:
-            raise self._error("forward", node_id, exc) from exc
-
-    def update(self, node_id: str, x: Any, state: Any) -> Any:
-        try:
-            return self._filters[node_id].update(x, state)
-        except Exception as exc:
-            raise self._error("update", node_id, exc) from exc
-
-
-def _subprocess_runner(spec: RunnerSpec) -> NodeRunner:
-    """Open a ``SubprocessRunner``, imported only when a node runs in a child.
-
-    The import pulls in the child pool and process machinery (~90 ms), which a
-    process that never isolates a node should not pay on its first run; it is also
-    circular at module level (the subprocess runner imports ``RunnerSpec`` from here).
-    """
-    from soma.runtime.subprocess_runner import SubprocessRunner
-
-    return SubprocessRunner(spec)
-
-
-def default_runners() -> dict[str, RunnerFactory]:
-    """The runner factories available in this process, by runner kind."""
-    return {"local": InProcessRunner, "subprocess": _subprocess_runner}
-
-
-@dataclass(frozen=True)
-class BlockRequest:
-    """One ``Remote`` block to execute (the fields of a serialised plan, worker.md §5.6)."""
-
-    run_id: str
-    phase: str
-    block: Remote
-    nodes: tuple[str, ...]
-    edges: tuple[tuple[str, str], ...]
-    x: Any
-    has_roots: bool
-    external: Mapping[str, Any]
-    y: Any
-    batch_size: int | None
-    states: Mapping[str, Any]
-    keys: Mapping[str, tuple[str | None, str | None]]
-    outputs: tuple[str, ...]
-    seed: int | None
-    timeout: float | None
-
-
-@dataclass(frozen=True)
-class BlockResult:
-    """What a block sends back: the outputs needed outside it and, in fit, the new states.
-
-    ``cache_hits`` names the block's nodes for which no user method ran (served from
-    the worker's cache), so ``RunCompleted`` counts them as cache hits.
-    """
-
-    outputs: Mapping[str, Any]
-    states: Mapping[str, Any] = field(default_factory=dict)
-    state_keys: Mapping[str, str | None] = field(default_factory=dict)
-    cache_hits: frozenset[str] = frozenset()
-
-
-class RemoteRunner(Protocol):
-    """Executes ``Remote`` blocks for one target; emits (or re-emits) their node events via ``emit``."""
-
-    def __enter__(self) -> Self: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-    def run_block(
-        self, request: BlockRequest, emit: Callable[[dict[str, Any]], None]
-    ) -> BlockResult: ...
-
-
-RemoteRunnerFactory = Callable[[str, RunnerSpec], RemoteRunner]
-
-
-# ---------------------------------------------------------------------------- cache keys
-
-_UNKNOWN: Any = object()  # a key that cannot be known before the run produces an output
+from soma.runtime.runners import (
+    BlockRequest,
+    NodeRunner,
+    RemoteRunner,
+    RemoteRunnerFactory,
+    RunnerFactory,
+    RunnerSpec,
+    default_runners,
+)
+
+__all__ = ["PlanFacts", "Run", "RunOutcome"]
 
 # The run whose pool thread this context belongs to: a Parallel step nested in a pool
 # member of the same run executes inline instead of waiting on its own busy pool.
 _pool_member_of: contextvars.ContextVar[object] = contextvars.ContextVar(
     "soma_pool_member_of", default=None
 )
-
-
-class KeyBook:
-    """The cache keys of one run (§6.1): x and y hashed at most once, keys derived along edges.
-
-    A key is a 64-hex ``str``, ``None`` when undefined (a part cannot be hashed; the
-    reason is in ``reasons``), or unknown yet (absent) when it depends on the actual
-    output of a node that has not run.
-    """
-
-    def __init__(
-        self,
-        shape: GraphShape,
-        nodes: Mapping[str, NodeRecord],
-        *,
-        x: Any,
-        y: Any = None,
-        seed: int | None,
-        batch_size: int | None = None,
-        state_keys: Mapping[str, str | None] | None = None,
-    ) -> None:
-        self._shape = shape
-        self._nodes = nodes
-        self._x = x
-        self._y = y
-        self._seed = seed
-        self._batch_size = batch_size
-        self.state_keys: dict[str, str | None] = dict(state_keys or {})
-        self._data: dict[str, bytes | None] = {}
-        self._params: dict[str, bytes | None] = {}
-        self._output_content: dict[str, bytes | str | None] = {}
-        self.in_keys: dict[str, bytes | str | None] = {}
-        self.fit_keys: dict[str, str | None] = {}
-        self.out_keys: dict[str, str | None] = {}
-        self.reasons: dict[str, str] = {}
-
-    def _content(self, value: Any) -> bytes | None:
-        try:
-            return content(value)
-        except Unhashable:
-            return None
-
-    def _run_data(self, name: str, nid: str) -> bytes | None:
-        """``content`` of the run's x or y, hashed at most once per run."""
-        if name not in self._data:
-            self._data[name] = self._content(self._x if name == "x" else self._y)
-        digest = self._data[name]
-        if digest is None:
-            self.reasons.setdefault(
-                nid, "its input x cannot be hashed" if name == "x" else "y cannot be hashed"
-            )
-        return digest
-
-    def params(self, nid: str) -> bytes | None:
-        """``content`` of the node's current parameters (read at each run), ``None`` if unhashable."""
-        if nid in self._params:
-            digest = self._params[nid]
-        else:
-            try:
-                digest = self._nodes[nid].params_content()
-            except Unhashable:
-                digest = None
-            self._params[nid] = digest
-        if digest is None:
-            self.reasons.setdefault(nid, "its parameters cannot be hashed")
-        return digest
-
-    def ref(self, pid: str, outputs: Mapping[str, Any]) -> Any:
-        """``out_key(p)`` for a cacheable p with a defined key, else ``content`` of p's actual output."""
-        if self._nodes[pid].cacheable:
-            key = self.out_keys.get(pid)
-            if key is not None:
-                return key
-        if pid in self._output_content:
-            return self._output_content[pid]
-        if pid not in outputs:
-            return _UNKNOWN
-        digest = self._content(outputs[pid])
-        self._output_content[pid] = digest
-        return digest
-
-    def in_key(self, nid: str, outputs: Mapping[str, Any]) -> Any:
-        """The input key of a node; ``_UNKNOWN`` while it depends on an output not produced yet."""
-        if nid in self.in_keys:
-            return self.in_keys[nid]
-        preds = self._shape.predecessors[nid]
-        if not preds:
-            key: Any = self._run_data("x", nid)
-            self.in_keys[nid] = key
-            return key
-        refs: list[tuple[str, bytes | str]] = []
-        for pred in preds:
-            ref = self.ref(pred, outputs)
-            if ref is _UNKNOWN:
-                return _UNKNOWN
-            if ref is None:
-                self.reasons.setdefault(nid, f"the output of `{pred}` cannot be hashed")
-                self.in_keys[nid] = None
-                return None
-            refs.append((pred, ref))
-        key = refs[0][1] if len(refs) == 1 else fanin_key(refs)
-        self.in_keys[nid] = key
-        return key
-
-    def fit_key(self, nid: str, in_key: Any) -> str | None:
-        """The state key of a trainable node in a fit (batch size counted for ``partial_fit`` filters)."""
-        if nid in self.fit_keys:
-            return self.fit_keys[nid]
-        node = self._nodes[nid]
-        key: str | None = None
-        params = self.params(nid)
-        y = self._run_data("y", nid)
-        if in_key is not None and params is not None and y is not None:
-            batch = self._batch_size if has_partial_fit(node.filter) else None
-            key = node.derived_key(("state", params, in_key, y, self._seed, batch))
-        self.fit_keys[nid] = key
-        return key
-
-    def out_key(self, nid: str, in_key: Any, state_key: str | None) -> str | None:
-        """The output key of a node given its input key and the key of the state it runs with."""
-        if nid in self.out_keys:
-            return self.out_keys[nid]
-        key: str | None = None
-        params = self.params(nid)
-        if in_key is not None and params is not None:
-            if state_key is None:
-                self.reasons.setdefault(nid, "its state was produced without a cache key")
-            else:
-                key = self._nodes[nid].derived_key(
-                    ("output", params, state_key, in_key, self._seed)
-                )
-        self.out_keys[nid] = key
-        return key
-
-    def predict(self, nid: str, outputs: Mapping[str, Any]) -> str | None:
-        """The output key of a cacheable node if it can be known now (fit keys use this run's x and y)."""
-        in_key = self.in_key(nid, outputs)
-        if in_key is _UNKNOWN:
-            return None
-        node = self._nodes[nid]
-        if not node.trainable:
-            state_key: str | None = "stateless"
-        elif nid in self.state_keys:
-            state_key = self.state_keys[nid]
-        else:
-            state_key = self.fit_key(nid, in_key)
-        return self.out_key(nid, in_key, state_key)
-
-
-# ---------------------------------------------------------------------------- the run
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from soma.isolation.process import Child
 from soma.isolation.spec import ChildSpec
 from soma.isolation.values import materialise
 from soma.runtime.batching import BatchCallback
-from soma.runtime.executor import RunnerSpec
+from soma.runtime.runners import RunnerSpec
 from soma.runtime.usercode import register_by_value
 
 __all__ = ["SubprocessRunner"]
