@@ -1,8 +1,9 @@
 """The life of one worker process (worker spec §2.3, §6.12), shared by ``soma-worker`` and ``soma.Worker``.
 
-    detect CPUs, RAM, GPUs ─▶ effective caps ─▶ app setup: store (lock, sweep), memory watch, pool, executor
+    detect CPUs, RAM, GPUs ─▶ effective caps ─▶ app setup: store (lock, sweep), memory watch, pool
         ─▶ bind (failure: BindError "cannot bind <host>:<port>: <reason>") ─▶ /health answers
-        ─▶ interpreter probes done (<= 15 s, started with detection) ─▶ summary log ─▶ prewarm
+        ─▶ executor made (its modules load meanwhile) and interpreter probes done (<= 15 s, started
+           with detection) ─▶ summary log ─▶ prewarm
         ─▶ serve until SIGINT/SIGTERM, ``stop()`` or an accepted ``Shutdown``
         ─▶ drain: /health 503, new requests ``shutting_down``, running ones get ``drain_s``
         ─▶ connections closed (1001) ─▶ app cleanup (executor, children, watch, store lock)
@@ -129,7 +130,12 @@ class WorkerServer:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise BindError(f"cannot bind {config.host}:{config.port}: {reason}") from exc
         port = _bound_port(runner, config.port)
-        await self.state.settled()
+        try:
+            await self.state.settled()
+        except BaseException:
+            await runner.cleanup()
+            self._runner = None
+            raise
         caps = self.state.effective
         self.serving = Serving(host=config.host, port=port, worker_id=config.worker_id, summary=caps.summary())
         self._log_started(self.serving)

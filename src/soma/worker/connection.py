@@ -419,7 +419,8 @@ class Connection:
             self._heartbeat.cancel()
         outstanding = [p for p in self._pending.values() if p.task is not None and not p.task.done()]
         try:
-            await self._executor.connection_closed(self)
+            if self.host.executor is not None:  # none yet: the connection started nothing
+                await self._executor.connection_closed(self)
         except Exception:
             worker_logger.exception("%s: ending the connection's plans and sessions failed", self.id)
         tasks = [p.task for p in outstanding if p.task is not None]
@@ -509,6 +510,7 @@ class Connection:
         """The terminal reply of one request (``None`` for ``Registered``, which gets none)."""
         host = self.host
         message = pending.message
+        await host.settled()  # a request right after the start waits for the executor
         if host.draining and message.type not in _ALLOWED_WHILE_DRAINING:
             return make_error("shutting_down", "the worker is shutting down; send it elsewhere or later",
                               plan_id=_plan_id_of(message))
@@ -521,7 +523,6 @@ class Connection:
             )
         match message:
             case Hello():
-                await host.settled()
                 return Welcome(
                     worker_id=host.worker_id,
                     protocols=list(PROTOCOLS),
@@ -561,7 +562,6 @@ class Connection:
 
     async def _status(self) -> Reply:
         host = self.host
-        await host.settled()
         load = await asyncio.to_thread(host.load)
         if self.dialect == "v1":
             return Register(worker_id=host.worker_id, capabilities=host.capabilities(), load=load)

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import importlib
 import json
 import platform
 import re
@@ -122,7 +123,8 @@ def _default_executor(
 class WorkerState:
     """Everything the routes and connections of one worker share.
 
-    ``store``, ``pool`` and ``executor`` are set while the app runs (``cleanup_ctx``).
+    ``store``, ``pool`` and ``executor`` are set while the app runs (``cleanup_ctx``); the executor
+    shortly after the start (await ``settled``).
     ``on_shutdown`` is called once when a ``Shutdown`` is accepted; the lifecycle owner
     (``soma.worker.app``) then drains and stops the server.
     """
@@ -140,6 +142,8 @@ class WorkerState:
     on_shutdown: Callable[[float | None, str | None], None] | None = None
     #: Interpreter probes still running at startup; ``settled`` puts their result into ``effective``.
     python_envs: asyncio.Future[tuple[str, ...]] | None = None
+    #: The executor being made at startup (``cleanup_ctx``); ``settled`` waits for it.
+    executor_pending: asyncio.Future[None] | None = None
     _draining: bool = False
     _warned: dict[tuple[str, str], float] = field(default_factory=dict)
 
@@ -148,7 +152,11 @@ class WorkerState:
         return self.config.worker_id
 
     async def settled(self) -> None:
-        """Wait until ``effective`` is complete (the interpreter probes of startup are done)."""
+        """Wait until startup is complete: the executor exists and ``effective`` holds the
+        interpreter probes. Raises what making the executor raised."""
+        making = self.executor_pending
+        if making is not None:
+            await asyncio.shield(making)  # a caller that gives up must not cancel it
         pending = self.python_envs
         if pending is None:
             return
@@ -793,17 +801,31 @@ async def _pool_lifetime(app: web.Application) -> AsyncIterator[None]:
 def _executor_ctx(factory: ExecutorFactory) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         state = app[STATE]
-        assert state.pool is not None and state.store is not None
-        state.executor = factory(
-            state.config, pool=state.pool, store=state.store, metrics=state.metrics, capabilities=state.effective
-        )
-        state.metrics.attach(status=state.executor_status)
+        # Made in the background: the worker binds, and answers /health, while the executor's
+        # modules load; whatever needs the executor waits for it (WorkerState.settled).
+        making = asyncio.ensure_future(_make_executor(state, factory))
+        state.executor_pending = making
         try:
             yield
         finally:
-            await state.executor.close()
+            if not making.done():
+                making.cancel()
+            await asyncio.wait([making])
+            if state.executor is not None:
+                await state.executor.close()
 
     return lifetime
+
+
+async def _make_executor(state: WorkerState, factory: ExecutorFactory) -> None:
+    assert state.pool is not None and state.store is not None
+    if factory is _default_executor:
+        # Imported on a thread: compiling the executor's modules would otherwise hold the loop.
+        await asyncio.to_thread(importlib.import_module, "soma.worker.execute")
+    state.executor = factory(
+        state.config, pool=state.pool, store=state.store, metrics=state.metrics, capabilities=state.effective
+    )
+    state.metrics.attach(status=state.executor_status)
 
 
 def build_app(
