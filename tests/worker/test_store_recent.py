@@ -61,3 +61,10 @@ def test_sweeping_a_file_forgets_its_value(store: Store) -> None:
     store.recent.put(key, [1.0, 2.0], 10)
     assert store.sweep(now=time.time() + 120) == 1
     assert store.recent.get(key) is None
+
+
+def test_the_server_sniffs_v2_uploads_by_the_codec_magic() -> None:
+    from soma.worker.server import V2_MAGIC
+
+    assert V2_MAGIC == v2.MAGIC
+    assert v2.encode_value_frame(None).startswith(V2_MAGIC)

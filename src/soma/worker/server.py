@@ -39,7 +39,6 @@ from soma.isolation.limits import MemoryWatch
 from soma.isolation.markers import Opaque
 from soma.isolation.pool import Pool
 from soma.log import worker_logger
-from soma.wire import v1, v2
 from soma.wire.codec import Dialect
 from soma.wire.errors import WireError
 from soma.wire.messages import PROTOCOLS, CachedRef, Capabilities, GpuInfo, InlineRef, LoadMetrics, LocalRef
@@ -55,6 +54,7 @@ __all__ = [
     "PROTECTED_PATHS",
     "STATE",
     "V2_CONTENT_TYPE",
+    "V2_MAGIC",
     "ExecutorFactory",
     "MaskingAccessLogger",
     "WorkerState",
@@ -66,6 +66,10 @@ __all__ = [
 
 V2_CONTENT_TYPE = "application/vnd.soma.v2"
 """Content type of a v2 value frame on ``/upload`` and ``/download``."""
+
+V2_MAGIC = b"SOMA"
+"""How a v2 frame begins (``soma.wire.v2.MAGIC``). The wire codecs are imported where values
+are decoded, not at import: they load numpy, which the worker does not need to bind."""
 
 PROTECTED_PATHS = frozenset({"/upload", "/download", "/ws", "/metrics"})
 """Routes that need the token when one is set; ``/health`` and ``/info`` never do (§4.2)."""
@@ -430,7 +434,7 @@ def _format_of(content_type: str, head: bytes) -> str:
         return "json"
     if content_type == "application/msgpack":
         return "msgpack"
-    if head.startswith(v2.MAGIC):
+    if head.startswith(V2_MAGIC):
         return "soma"
     return "json" if head.lstrip()[:1] == b"{" else "msgpack"
 
@@ -447,6 +451,8 @@ def _decode_stored(stored: StoredValue) -> Any:
 
 def _decode_body(data: bytes | bytearray, kind: str) -> Any:
     """The value of a stored body of ``kind`` ``soma``, ``json`` or ``msgpack``. Raises ``WireError``."""
+    from soma.wire import v1, v2
+
     if kind == "soma":
         return v2.decode_value_frame(data, "worker")
     try:
@@ -591,6 +597,8 @@ def _parse_ref(text: str | None) -> Any:
         raise BadRequest(f"?ref= is not JSON: {exc}") from exc
     if isinstance(data, dict) and data.get("type") == "Cached" and isinstance(data.get("cache_key"), str):
         return CachedRef(cache_key=data["cache_key"])
+    from soma.wire import v1
+
     try:
         return v1.decode_ref(data)
     except WireError as exc:
@@ -629,6 +637,8 @@ def _holds_opaque(value: Any) -> bool:
 
 def _converted(value: Any, want_v2: bool) -> bytes:
     """``value`` as a v2 frame or a v1 JSON ``Value``; raises ``_NotAcceptable`` when v1 cannot carry it."""
+    from soma.wire import v1, v2
+
     if want_v2:
         return v2.encode_value_frame(value)
     if _holds_opaque(value):
