@@ -13,7 +13,6 @@ so a connection builds one :class:`Codec` and feeds it every frame. Refusals are
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
 from soma.wire.errors import WireError
@@ -38,13 +37,6 @@ __all__ = ["Codec", "Dialect", "check_version"]
 
 Dialect: TypeAlias = Literal["v1", "v2"]
 Frame: TypeAlias = str | bytes | bytearray | memoryview
-
-
-def _dialects() -> tuple[ModuleType, ModuleType]:
-    # Imported on first use: they load numpy, which a starting worker does not need to bind.
-    from soma.wire import v1, v2
-
-    return v1, v2
 
 
 def check_version(peer: object, *, side: Side = "worker", plan_id: str | None = None) -> None:
@@ -80,14 +72,17 @@ class Codec:
 
     def encode(self, message: Request | Reply) -> str | bytes:
         """One frame: ``str`` for a text frame (v1 JSON), ``bytes`` for a binary frame."""
-        v1, v2 = _dialects()
+        # Imported on first use: they load numpy, which a starting worker does not need to bind.
+        from soma.wire import v1, v2
+
         if self.dialect == "v1":
             return v1.encode(message)
         return v2.encode_frame(message)
 
     def encode_parts(self, message: Request | Reply) -> list[str | bytes | memoryview]:
         """Like :meth:`encode`, but a binary frame comes as chunks that avoid copying buffers."""
-        v1, v2 = _dialects()
+        from soma.wire import v1, v2
+
         if self.dialect == "v1":
             return [v1.encode(message)]
         return list(v2.encode_frame_parts(message))
@@ -98,7 +93,8 @@ class Codec:
         A worker-side codec accepts only requests and a client-side one only replies:
         a message travelling the wrong way is ``bad_message``.
         """
-        v1, v2 = _dialects()
+        from soma.wire import v1, v2
+
         if self.dialect == "v1":
             message = v1.decode(data)
             self._check_direction(message.type, None)

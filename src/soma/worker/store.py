@@ -627,7 +627,7 @@ class Store:
     # ---- cleanup and accounting
 
     def _entries(self) -> list[tuple[str, Path, os.stat_result]]:
-        entries = []
+        entries: list[tuple[str, Path, os.stat_result]] = []
         if not self.store_dir.is_dir():
             return entries
         for path in self.store_dir.iterdir():
