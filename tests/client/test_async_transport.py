@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from soma.client.transport import AsyncRemoteClient, ClientState, HttpResponse, Timeout
+from soma.client.state import ClientState
+from soma.client.timeout import Timeout
+from soma.client.transport import AsyncRemoteClient, HttpResponse
 from soma.errors import ProtocolError, RemoteError
 from soma.wire import v2
 from soma.wire.messages import (

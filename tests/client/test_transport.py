@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from _fake_worker import FakeWorker
 
-from soma.client.transport import ClientState, RemoteClient, Timeout, client_for, close_all, error_from_reply
+from soma.client.state import ClientState
+from soma.client.timeout import Timeout
+from soma.client.transport import RemoteClient, client_for, close_all, error_from_reply
 from soma.errors import (
     ChildError,
     ChildTimeoutError,

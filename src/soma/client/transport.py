@@ -27,7 +27,6 @@ import atexit
 import builtins
 import concurrent.futures
 import dataclasses
-import enum
 import functools
 import itertools
 import json
@@ -42,6 +41,8 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequenc
 from dataclasses import dataclass
 from typing import Any, Protocol, Self, TypeVar
 
+from soma.client.state import ClientState
+from soma.client.timeout import DEFAULT, Timeout, _Default
 from soma.errors import (
     ChildError,
     ChildTimeoutError,
@@ -76,15 +77,12 @@ from soma.wire.messages import (
 )
 
 __all__ = [
-    "DEFAULT",
     "SUBPROTOCOL",
     "AiohttpTransport",
     "AsyncRemoteClient",
     "Channel",
-    "ClientState",
     "HttpResponse",
     "RemoteClient",
-    "Timeout",
     "Transport",
     "client_for",
     "close_all",
@@ -100,52 +98,6 @@ _SEND_SLICE = 1 << 20
 
 T = TypeVar("T")
 Body = bytes | Sequence[bytes | memoryview]
-
-
-class _Default:
-    """The "use the configured default" sentinel, distinct from ``None`` (which means no limit)."""
-
-    def __repr__(self) -> str:
-        return "DEFAULT"
-
-
-DEFAULT = _Default()
-
-
-@dataclass(frozen=True)
-class Timeout:
-    """The client's time limits in seconds, one per phase (worker.md §8); ``None`` means no limit.
-
-    - ``connect``: TCP connection and WebSocket upgrade (or an HTTP connection).
-    - ``welcome``: from ``Hello`` to ``Welcome``.
-    - ``silence``: while a request is in flight, this long without any frame from the
-      worker (heartbeats count) means the worker is lost (``RemoteError``, ``worker_lost``).
-    - ``grace``: the overall deadline of a plan is its ``timeout_s`` plus this.
-    - ``request``: the overall deadline of a request that names no time limit.
-
-    >>> Timeout(silence=2.0).plan_deadline(30)
-    90.0
-    """
-
-    connect: float | None = 10.0
-    welcome: float | None = 10.0
-    silence: float = 15.0
-    grace: float = 60.0
-    request: float | None = None
-
-    def plan_deadline(self, timeout_s: float | None) -> float | None:
-        """The overall deadline of a plan whose ``timeout_s`` is given (``request`` when none)."""
-        return self.request if timeout_s is None else timeout_s + self.grace
-
-
-class ClientState(enum.Enum):
-    """Where a client's connection is in its life."""
-
-    IDLE = "idle"  # never connected: the first request connects
-    CONNECTING = "connecting"  # upgrade and Hello in progress
-    OPEN = "open"  # Welcome received; requests are multiplexed on the connection
-    LOST = "lost"  # the connection dropped or went silent; the next request reconnects
-    CLOSED = "closed"  # close() was called; every request raises
 
 
 # ---------------------------------------------------------------------------- transport seam
