@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from _fake_worker import FakeWorker
 
+from soma.client.errors import error_from_reply
 from soma.client.state import ClientState
 from soma.client.timeout import Timeout
-from soma.client.transport import RemoteClient, client_for, close_all, error_from_reply
+from soma.client.transport import RemoteClient, client_for, close_all
 from soma.errors import (
     ChildError,
     ChildTimeoutError,

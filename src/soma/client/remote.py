@@ -30,7 +30,8 @@ from typing import Any, Self
 
 import cloudpickle
 
-from soma.client.transport import RemoteClient, client_for, error_from_reply, runtime_versions
+from soma.client.errors import error_from_reply
+from soma.client.transport import RemoteClient, client_for, runtime_versions
 from soma.errors import (
     ChildError,
     FilterError,
