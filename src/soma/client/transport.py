@@ -26,27 +26,25 @@ import asyncio
 import atexit
 import concurrent.futures
 import dataclasses
-import functools
 import itertools
 import json
 import os
-import platform
 import queue
-import sys
 import threading
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, Self, TypeVar
 
+from soma.client.addresses import http_base, ws_base
 from soma.client.errors import error_from_reply
 from soma.client.state import ClientState
 from soma.client.timeout import DEFAULT, Timeout, _Default
+from soma.client.versions import runtime_versions
 from soma.errors import (
     ProtocolError,
     RemoteError,
     RemoteTimeoutError,
-    SomaConfigError,
     SomaError,
 )
 from soma.log import client_logger
@@ -80,8 +78,6 @@ __all__ = [
     "Transport",
     "client_for",
     "close_all",
-    "http_base",
-    "runtime_versions",
 ]
 
 SUBPROTOCOL = "soma.v2"
@@ -334,47 +330,6 @@ def _handshake_error(url: str, status: int, reason: str) -> RemoteError:
     return RemoteError(f"worker {url} refused the WebSocket upgrade: HTTP {status} {reason}", code="internal")
 
 
-# ---------------------------------------------------------------------------- addresses and versions
-
-
-def http_base(address: str) -> str:
-    """``ws://h:p`` -> ``http://h:p`` (``wss`` -> ``https``), without a trailing slash."""
-    scheme, sep, rest = address.partition("://")
-    if not sep or scheme not in ("ws", "wss", "http", "https"):
-        raise SomaConfigError(f"invalid worker address '{address}'")
-    return f"{'https' if scheme in ('wss', 'https') else 'http'}://{rest.rstrip('/')}"
-
-
-def _ws_base(address: str) -> str:
-    base = http_base(address)
-    return "ws" + base.removeprefix("http")
-
-
-def runtime_versions() -> dict[str, Any]:
-    """What this client runs (``Hello.client`` and a plan's ``runtime``): torch only if already imported."""
-    torch = sys.modules.get("torch")
-    return {**_fixed_versions(), "torch": getattr(torch, "__version__", None) if torch is not None else None}
-
-
-@functools.cache
-def _fixed_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import cloudpickle
-    import numpy
-
-    try:
-        soma_version = version("soma-runtime")
-    except PackageNotFoundError:  # pragma: no cover - only in an uninstalled source tree
-        soma_version = "0+unknown"
-    return {
-        "python": platform.python_version(),
-        "cloudpickle": cloudpickle.__version__,
-        "soma": soma_version,
-        "numpy": numpy.__version__,
-    }
-
-
 def _ref_json(ref: CachedRef | LocalRef) -> str:
     if isinstance(ref, CachedRef):
         return json.dumps({"type": "Cached", "cache_key": ref.cache_key})
@@ -412,7 +367,7 @@ class AsyncRemoteClient:
         timeout: Timeout | None = None,
         transport: Transport | None = None,
     ) -> None:
-        self.address = _ws_base(address)
+        self.address = ws_base(address)
         self.token = token
         self.timeout = timeout or Timeout()
         self.state = ClientState.IDLE
@@ -926,7 +881,7 @@ _clients_lock = threading.Lock()
 
 def client_for(address: str, token: str | None = None) -> RemoteClient:
     """The process-wide client of the worker at ``address`` with ``token`` (created on first use)."""
-    key = (_ws_base(address), token)
+    key = (ws_base(address), token)
     with _clients_lock:
         client = _clients.get(key)
         if client is None or client.state is ClientState.CLOSED:
