@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from soma import Filter, Graph
-from soma.client.transport import close_all
+from soma.client.sync_client import close_all
 
 TOKEN = "benchmark-token-0123456789abcdef"
 

@@ -51,7 +51,7 @@ def run_demo(out: TextIO) -> int:
 
     import numpy as np
 
-    from soma.client.transport import close_all
+    from soma.client.sync_client import close_all
     from soma.demo import build_graph, make_data
     from soma.lab import Lab
     from soma.worker.embedded import Worker

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from soma import Worker
-from soma.client.transport import close_all
+from soma.client.sync_client import close_all
 
 TOKEN = "client-tests-token-0123456789"
 _live_workers: list[Worker] = []

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from soma import Graph, Worker
-from soma.client import transport
-from soma.client.transport import client_for
+from soma.client import sync_client
+from soma.client.sync_client import client_for
 from soma.errors import (
     ChildError,
     ChildTimeoutError,
@@ -189,13 +189,13 @@ def test_large_values_travel_by_reference_once_per_run(
     worker: Worker, worker_token: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     uploads: list[int] = []
-    original = transport.RemoteClient.upload_frame
+    original = sync_client.RemoteClient.upload_frame
 
-    def counting(self: transport.RemoteClient, frame: Any) -> CachedRef:
+    def counting(self: sync_client.RemoteClient, frame: Any) -> CachedRef:
         uploads.append(sum(memoryview(part).nbytes for part in frame))
         return original(self, frame)
 
-    monkeypatch.setattr(transport.RemoteClient, "upload_frame", counting)
+    monkeypatch.setattr(sync_client.RemoteClient, "upload_frame", counting)
     x = np.linspace(0.0, 1.0, 1_400_000)  # 11.2 MB, above the 10 MiB inline threshold
     graph = remote_graph(worker, worker_token)
     graph.node("first", rf.Mean())

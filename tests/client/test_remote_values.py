@@ -12,7 +12,7 @@ from _remote_filters import Keys
 
 from soma import Graph
 from soma.client.remote import measured
-from soma.client.transport import close_all
+from soma.client.sync_client import close_all
 from soma.wire import v2
 
 

@@ -15,7 +15,7 @@ from _fake_worker import FakeWorker
 from soma.client.errors import error_from_reply
 from soma.client.state import ClientState
 from soma.client.timeout import Timeout
-from soma.client.transport import RemoteClient, client_for, close_all
+from soma.client.sync_client import RemoteClient, client_for, close_all
 from soma.errors import (
     ChildError,
     ChildTimeoutError,

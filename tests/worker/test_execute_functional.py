@@ -17,7 +17,7 @@ import pytest
 from _execute_support import chain, filt, fit_mode, plan
 from _server_support import WireClient, running, worker_config
 
-from soma.client.transport import close_all
+from soma.client.sync_client import close_all
 from soma.graph import Graph
 from soma.wire.messages import (
     Ack,

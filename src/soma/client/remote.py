@@ -31,7 +31,7 @@ from typing import Any, Self
 import cloudpickle
 
 from soma.client.errors import error_from_reply
-from soma.client.transport import RemoteClient, client_for
+from soma.client.sync_client import RemoteClient, client_for
 from soma.client.versions import runtime_versions
 from soma.errors import (
     ChildError,

@@ -23,18 +23,13 @@ client per ``(address, token)`` for the whole process (:func:`client_for`).
 from __future__ import annotations
 
 import asyncio
-import atexit
-import concurrent.futures
 import dataclasses
 import itertools
 import json
-import os
-import queue
-import threading
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Self, TypeVar
+from typing import Any, Protocol
 
 from soma.client.addresses import http_base, ws_base
 from soma.client.errors import error_from_reply
@@ -74,10 +69,7 @@ __all__ = [
     "AsyncRemoteClient",
     "Channel",
     "HttpResponse",
-    "RemoteClient",
     "Transport",
-    "client_for",
-    "close_all",
 ]
 
 SUBPROTOCOL = "soma.v2"
@@ -85,7 +77,6 @@ V2_CONTENT_TYPE = "application/vnd.soma.v2"
 _LARGE_BODY = 1 << 20
 _SEND_SLICE = 1 << 20
 
-T = TypeVar("T")
 Body = bytes | Sequence[bytes | memoryview]
 
 
@@ -736,180 +727,3 @@ def _http_error(response: HttpResponse, what: str) -> RemoteError:
         code = "unresolved_reference"
     retryable = ERROR_CODES.get(code, ("", False))[1]
     return RemoteError(f"{what} failed (HTTP {response.status}): {message}", code=code, retryable=retryable)
-
-
-# ---------------------------------------------------------------------------- the loop thread
-
-
-class _LoopThread:
-    """One private event loop on a daemon thread, where every client of this process runs."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, name="soma-client-loop", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        if threading.current_thread() is self.thread:
-            coro.close()
-            raise RuntimeError("the synchronous client cannot be called from its own loop thread")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-
-_loop_thread: _LoopThread | None = None
-_loop_lock = threading.Lock()
-
-
-def _loop() -> _LoopThread:
-    global _loop_thread
-    with _loop_lock:
-        if _loop_thread is None:
-            _loop_thread = _LoopThread()
-        return _loop_thread
-
-
-class RemoteClient:
-    """Synchronous face of :class:`AsyncRemoteClient`, run on the client loop thread.
-
-    Safe to call from any thread, including one with a running event loop. Events and
-    progress passed to ``on_frame`` are delivered on the calling thread, in order,
-    before ``request`` returns.
-    """
-
-    def __init__(
-        self,
-        address: str,
-        token: str | None = None,
-        *,
-        timeout: Timeout | None = None,
-        transport: Transport | None = None,
-    ) -> None:
-        self._core = AsyncRemoteClient(address, token, timeout=timeout, transport=transport)
-
-    def __repr__(self) -> str:
-        return f"RemoteClient({self.address!r}, state={self.state.value})"
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    @property
-    def address(self) -> str:
-        """The worker's ``ws://host:port`` address."""
-        return self._core.address
-
-    @property
-    def state(self) -> ClientState:
-        """The connection state."""
-        return self._core.state
-
-    @property
-    def timeout(self) -> Timeout:
-        """The time limits in force."""
-        return self._core.timeout
-
-    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        future = _loop().submit(coro)
-        try:
-            return future.result()
-        except BaseException:
-            future.cancel()
-            raise
-
-    def connect(self) -> Welcome:
-        """Connect if needed; the worker's ``Welcome`` (see :meth:`AsyncRemoteClient.connect`)."""
-        return self._call(self._core.connect())
-
-    def request(
-        self,
-        message: Request,
-        *,
-        on_frame: FrameCallback | None = None,
-        deadline: float | None | _Default = DEFAULT,
-    ) -> Reply:
-        """Send ``message``; its terminal reply (see :meth:`AsyncRemoteClient.request`)."""
-        if on_frame is None:
-            return self._call(self._core.request(message, deadline=deadline))
-        inbox: queue.SimpleQueue[Reply | None] = queue.SimpleQueue()
-        future = _loop().submit(self._core.request(message, on_frame=inbox.put, deadline=deadline))
-        future.add_done_callback(lambda _: inbox.put(None))
-        try:
-            while (frame := inbox.get()) is not None:
-                on_frame(frame)
-            return future.result()
-        except BaseException:
-            future.cancel()
-            raise
-
-    def upload(self, value: Any) -> CachedRef:
-        """Store ``value`` on the worker; its reference."""
-        return self._call(self._core.upload(value))
-
-    def upload_frame(self, frame: Body) -> CachedRef:
-        """Store an already encoded value frame (bytes or its parts) on the worker; its reference."""
-        return self._call(self._core.upload_frame(frame))
-
-    def download(self, ref: DataRef) -> Any:
-        """The value stored under ``ref``; raises ``RemoteError`` when it cannot be fetched."""
-        return self._call(self._core.download(ref))
-
-    def info(self) -> dict[str, Any]:
-        """The worker's ``/info`` document."""
-        return self._call(self._core.info())
-
-    def shutdown(self, reason: str | None = None, *, deadline: float = 1.8) -> None:
-        """Send ``Shutdown`` and return at the worker's ``Ack`` (not when it has exited)."""
-        self._call(self._core.shutdown(reason, deadline=deadline))
-
-    def close(self) -> None:
-        """Close the connection; later calls raise."""
-        if self._core.state is not ClientState.CLOSED:
-            self._call(self._core.close())
-
-
-# ---------------------------------------------------------------------------- shared clients
-
-_clients: dict[tuple[str, str | None], RemoteClient] = {}
-_clients_lock = threading.Lock()
-
-
-def client_for(address: str, token: str | None = None) -> RemoteClient:
-    """The process-wide client of the worker at ``address`` with ``token`` (created on first use)."""
-    key = (ws_base(address), token)
-    with _clients_lock:
-        client = _clients.get(key)
-        if client is None or client.state is ClientState.CLOSED:
-            client = _clients[key] = RemoteClient(address, token)
-        return client
-
-
-def close_all() -> None:
-    """Close every shared client (also run at interpreter exit)."""
-    with _clients_lock:
-        clients = list(_clients.values())
-        _clients.clear()
-    for client in clients:
-        try:
-            client.close()
-        except SomaError as exc:
-            client_logger.debug("closing %s: %s", client.address, exc)
-
-
-def _forget_after_fork() -> None:
-    # A forked child has no loop thread; its clients and loop must be made afresh.
-    global _loop_thread, _loop_lock, _clients_lock
-    _loop_thread = None
-    _loop_lock = threading.Lock()
-    _clients_lock = threading.Lock()
-    _clients.clear()
-
-
-atexit.register(close_all)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_after_fork)
