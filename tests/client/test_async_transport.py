@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
+from soma.client.async_client import AsyncRemoteClient
 from soma.client.state import ClientState
 from soma.client.timeout import Timeout
-from soma.client.transport import AsyncRemoteClient, HttpResponse
+from soma.client.transport import HttpResponse
 from soma.errors import ProtocolError, RemoteError
 from soma.wire import v2
 from soma.wire.messages import (

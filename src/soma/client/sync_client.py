@@ -19,9 +19,10 @@ from collections.abc import Coroutine
 from typing import Any, Self, TypeVar
 
 from soma.client.addresses import ws_base
+from soma.client.async_client import AsyncRemoteClient, FrameCallback
 from soma.client.state import ClientState
 from soma.client.timeout import DEFAULT, Timeout, _Default
-from soma.client.transport import AsyncRemoteClient, Body, FrameCallback, Transport
+from soma.client.transport import Body, Transport
 from soma.errors import SomaError
 from soma.log import client_logger
 from soma.wire.messages import CachedRef, DataRef, Reply, Request, Welcome
