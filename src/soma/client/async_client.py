@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from soma.client.addresses import http_base, ws_base
+from soma.client.aiohttp_transport import AiohttpTransport
 from soma.client.errors import error_from_reply
 from soma.client.state import ClientState
 from soma.client.timeout import DEFAULT, Timeout, _Default
-from soma.client.transport import AiohttpTransport, Body, Channel, HttpResponse, Transport
+from soma.client.transport import Body, Channel, HttpResponse, Transport
 from soma.client.versions import runtime_versions
 from soma.errors import ProtocolError, RemoteError, RemoteTimeoutError, SomaError
 from soma.log import client_logger
