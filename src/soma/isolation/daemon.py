@@ -343,7 +343,8 @@ class Daemon:
         self._catalog = {}
         self._handles = {}
         self._seed = None
-        gc.collect()
+        if not specs:
+            _collect_tenant_garbage()
         _check_runtime(runtime)
         self._seed = seed
         try:
@@ -591,6 +592,20 @@ class Daemon:
         return {}
 
 
+def _collect_tenant_garbage() -> None:
+    """Free the last tenant's cyclic garbage (the reset, isolation.md §2.2), finalizers included.
+
+    What survives is the child's long-lived heap (soma, numpy, modules imported by
+    reference): freezing it keeps every later collection, automatic ones during user
+    code included, from walking it again. A full walk costs 5-20 ms; a frozen heap
+    leaves only the tenant's own objects to scan. Freezing frees nothing and keeps
+    nothing reachable, so no tenant sees a difference; the price is that a frozen
+    object that later becomes part of a garbage cycle stays (a pooled child is retired
+    after ``max_tasks`` plans or above ``max_idle_rss``).
+    """
+    gc.collect()
+    gc.freeze()
+
 
 def _check_runtime(runtime: Mapping[str, Any] | None) -> None:
     """Refuse a client runtime of another Python or cloudpickle minor (isolation.md §7)."""
@@ -794,5 +809,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         resource.setrlimit(resource.RLIMIT_AS, (args.rlimit_as, args.rlimit_as))
     channel.write_frame(args.write_fd, greeting())
+    gc.freeze()  # the interpreter and soma's modules: see _collect_tenant_garbage
     sys.exit(serve(args.read_fd, args.write_fd, args.ring_fds))
 
