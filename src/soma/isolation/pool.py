@@ -3,6 +3,7 @@
 A plan checks out one child for its whole duration (isolation.md §2.2)::
 
     checkout(spec) ─▶ idle child of spec.pool_key (newest first) or Child.spawn
+      (= acquire/release; take_idle: the idle child only, never blocking)
          │ the plan calls the child
          ▼
     on exit: dead or failed ─▶ discarded          pinned (session) ─▶ kept until kill_pinned
@@ -133,13 +134,30 @@ class Pool:
         (``child_start_failed``) when no child could be started, ``SomaError`` after
         ``close``.
         """
-        child = self._acquire(spec)
+        child = self.acquire(spec)
         try:
             yield child
         finally:
-            self._release(child)
+            self.release(child)
 
-    def _acquire(self, spec: ChildSpec) -> Child:
+    def take_idle(self, spec: ChildSpec) -> Child | None:
+        """Check out the newest idle child of ``spec``'s key if it is alive, else return ``None``.
+
+        Never spawns, resets or retires anything, so it does not block: an event loop calls
+        it before sending ``acquire`` to a thread. Give the child back with ``release``.
+        """
+        with self._lock:
+            self._check_open()
+            idle = self._idle.get(spec.pool_key)
+            if not idle or not idle[-1].child.alive:
+                return None
+            child = idle.pop().child
+            self._busy.add(child)
+        self._start_use(child, spec)
+        return child
+
+    def acquire(self, spec: ChildSpec) -> Child:
+        """``checkout``'s entry (blocking: it may spawn); give the child back with ``release``."""
         key = spec.pool_key
         while True:
             with self._lock:
@@ -180,7 +198,8 @@ class Pool:
         if self.memory_watch is not None:
             self.memory_watch.register(child, spec.memory_limit)
 
-    def _release(self, child: Child) -> None:
+    def release(self, child: Child) -> None:
+        """``checkout``'s exit: reset and park ``child``, or discard it (blocking: it calls the child)."""
         with self._lock:
             if child in self._pinned:
                 return  # a session child stays watched until kill_pinned

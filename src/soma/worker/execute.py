@@ -14,8 +14,10 @@
       6 outputs and states: inline, or stored and referenced at >= inline_threshold
       7 child back to the pool (reset) or pinned as a session; pins, GPUs and slot released
 
-Child I/O is blocking (``Child.call`` and ``Pool.checkout`` are synchronous), so it runs on
-the executor's own thread pool and never on the event loop. Cancellation and time limits
+Child I/O is blocking (``Child.call``, ``Pool.acquire`` and ``Pool.release`` are synchronous), so
+it runs on the executor's own thread pool and never on the event loop; what cannot block (an
+idle child, a memory-only cache, encoding a small result) stays on the loop, since a thread hop
+costs more than that work. Cancellation and time limits
 kill the child from the loop (``Child.kill`` works from any thread), which ends the call in
 flight at once. The worker never unpickles user objects: filters, opaque values and cache
 blobs pass through as bytes and markers.
@@ -719,10 +721,18 @@ class PlanExecutor:
         if returning and self._pool.stats().idle == 0:
             await asyncio.wait(returning, timeout=_RETURN_WAIT_S)
 
-    async def _give_back(self, key: tuple[Any, ...], checkout: Any) -> None:
-        """Leave ``checkout`` (the pool resets the child, or discards it) on a thread."""
+    async def _checkout(self, spec: ChildSpec) -> Child:
+        """A child for ``spec``: the idle one at once, else one reset meanwhile or spawned (on a thread)."""
+        child = self._pool.take_idle(spec)
+        if child is None:
+            await self._returned(spec.pool_key)
+            child = await self._blocking(self._pool.acquire, spec)
+        return child
+
+    async def _give_back(self, key: tuple[Any, ...], child: Child) -> None:
+        """Return ``child`` to the pool (which resets it, or discards it) on a thread."""
         loop = asyncio.get_running_loop()
-        returning = loop.run_in_executor(self._io, functools.partial(checkout.__exit__, None, None, None))
+        returning = loop.run_in_executor(self._io, self._pool.release, child)
         self._returning.setdefault(key, set()).add(returning)
         try:
             await returning
@@ -987,6 +997,46 @@ class _Pins:
 
 
 _NOT_KEPT = object()
+_QUICK_ITEMS = 256
+_QUICK_BYTES = 64 << 10
+
+
+def _encodes_quickly(values: Sequence[Any], threshold: int) -> bool:
+    """Whether ``values`` are so small that encoding them beats a thread hop, and none is stored.
+
+    At most ``_QUICK_ITEMS`` scalars, strings, small arrays or blobs, whose bound on the
+    encoded size (32 bytes an item, strings as escaped JSON) stays under ``_QUICK_BYTES``
+    and under ``threshold``, so ``_outbound`` writes no file.
+    """
+    limit = min(_QUICK_BYTES, threshold)
+    items = 0
+    size = 0
+    stack = list(values)
+    while stack:
+        value = stack.pop()
+        items += 1
+        size += 32
+        if isinstance(value, str):
+            size += 12 * len(value)
+        elif isinstance(value, bytes):
+            size += 2 * len(value)
+        elif isinstance(value, list | tuple | dict):
+            if items + len(stack) + 2 * len(value) > _QUICK_ITEMS:
+                return False
+            stack.extend(value.items() if isinstance(value, dict) else value)
+        elif isinstance(value, Opaque):
+            if value.buffers or not isinstance(value.data, bytes):
+                return False
+            size += 2 * len(value.data)
+        elif isinstance(value, np.ndarray):
+            if value.dtype.hasobject:
+                return False
+            size += 2 * value.nbytes
+        elif not (value is None or isinstance(value, bool | int | float | Handle | np.generic)):
+            return False
+        if items > _QUICK_ITEMS or size >= limit:
+            return False
+    return True
 _REFERENCES = (InlineRef, LocalRef, CachedRef, S3Ref, ZarrRef, StreamRef)
 """What ``_Pins.resolve`` turns into values; anything else passes through unchanged."""
 
@@ -1143,7 +1193,6 @@ class _PlanRun:
         resources = self.spec.resources
         devices = lease.devices if lease is not None else (() if resources.gpus == 0 else None)
         child_spec = ex.child_spec(threads=resources.threads, gpus=devices, memory=resources.memory)
-        checkout = ex._pool.checkout(child_spec)
         entered = False
         pinned: Child | None = None
         try:
@@ -1151,8 +1200,7 @@ class _PlanRun:
                 await self._resolve_references()
                 self._check_cancel()
                 if self.spec.order:
-                    await ex._returned(child_spec.pool_key)
-                    self.child = await ex._blocking(checkout.__enter__)
+                    self.child = await ex._checkout(child_spec)
                     entered = True
                     if self.cancel_reason is not None:
                         self.child.kill("cancelled", detail=self.cancel_reason)
@@ -1183,8 +1231,9 @@ class _PlanRun:
         finally:
             self._pins.release()
             if entered:
+                assert self.child is not None
                 self._detach_child()
-                await ex._give_back(child_spec.pool_key, checkout)
+                await ex._give_back(child_spec.pool_key, self.child)
             self._observe()
 
     async def _execute_in_session(self, session: _Session) -> Reply:
@@ -1371,7 +1420,11 @@ class _PlanRun:
             else:
                 for node_id in unit.node_ids:
                     await self._node(node_id, unit.cached_key)
-        output, states = await self._ex._blocking(self._encode_results)
+        results = [self._values[nid] for nid in self.spec.outputs] if self.spec.order else [self._input]
+        if _encodes_quickly([*results, *self._states.values()], self._config.inline_threshold):
+            output, states = self._encode_results()
+        else:
+            output, states = await self._ex._blocking(self._encode_results)
         now = time.monotonic()
         success = PlanSuccess(
             output=output,
@@ -1407,7 +1460,8 @@ class _PlanRun:
         return f.fit_key, out_key
 
     async def _lookup(self, node_id: str, key: str, what: str) -> BlobHit | None:
-        hit = await self._ex._blocking(self._ex._cache.get, key)
+        cache = self._ex._cache
+        hit = cache.get(key) if cache.disk is None else await self._ex._blocking(cache.get, key)
         self._ex._count_cache(hit is not None)
         if hit is not None:
             await self._emit(
@@ -1416,7 +1470,11 @@ class _PlanRun:
         return hit
 
     async def _remember(self, key: str, blob: bytes, what: str, node_id: str, summary: str | None) -> None:
-        await self._ex._blocking(self._ex._cache.put, key, blob, kind=what, node_id=node_id, summary=summary)
+        cache = self._ex._cache
+        if cache.disk is None:
+            cache.put(key, blob, kind=what, node_id=node_id, summary=summary)
+        else:
+            await self._ex._blocking(cache.put, key, blob, kind=what, node_id=node_id, summary=summary)
 
     async def _node(self, node_id: str, cached_key: str | None) -> None:
         f = self.spec.filters[node_id]
