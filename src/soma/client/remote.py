@@ -3,7 +3,7 @@
 Data flow of one block::
 
     Run._remote(step) ──BlockRequest──▶ WorkerRunner.run_block
-        client_for(address, token)             one shared connection per worker (transport.py)
+        client_for(address, token)             one shared connection per worker (sync_client.py)
         Welcome.inline_threshold               values at or above it are uploaded first:
                                                x, y, external outputs, states (each on its own)
         SerializedPlan                         the block's inner plan, filters pickled now (current
