@@ -281,7 +281,7 @@ def _check_numeric_default(kind: str, default: Any, low: int | float, high: int 
             )
         value: int | float = int(default)
     else:
-        if not isinstance(default, numbers.Real) or isinstance(default, bool):
+        if isinstance(default, bool) or not isinstance(default, numbers.Real):
             raise SomaConfigError(
                 f"search(): the default of a float dimension must be a number, got {default!r}"
             )
