@@ -298,7 +298,7 @@ class Daemon:
             ) from None
 
     def _node_ids(self, request: Mapping[str, Any], name: str = "node_ids") -> list[str]:
-        node_ids = _field(request, name, list)
+        node_ids: list[str] = _field(request, name, list)
         for node_id in node_ids:
             self._entry(node_id)
         return node_ids

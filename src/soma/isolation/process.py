@@ -197,7 +197,8 @@ class Child:
         request_r, request_w = os.pipe()
         reply_r, reply_w = os.pipe()
         memfds = [channel.Ring.create_memfd() for _ in range(2)]
-        ring_fds = (memfds[0], memfds[1]) if None not in memfds else None
+        first, second = memfds
+        ring_fds = (first, second) if first is not None and second is not None else None
         if ring_fds is None:
             for memfd in memfds:
                 if memfd is not None:

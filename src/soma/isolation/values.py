@@ -166,7 +166,8 @@ def cache_blob(value: Any, node_id: str | None) -> bytes:
         return pickle.dumps(value, protocol=5)
     except Exception:  # noqa: BLE001 - the cache format falls back to cloudpickle on any pickling failure
         try:
-            return cloudpickle.dumps(value, protocol=5)
+            blob: bytes = cloudpickle.dumps(value, protocol=5)
+            return blob
         except BaseException as exc:  # pickling runs user code (__reduce__, __getstate__)
             raise CommandError(
                 "encoding_error",

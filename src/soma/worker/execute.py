@@ -294,10 +294,10 @@ def _validate(plan: SerializedPlan, dialect: str, caps: Effective, worker_timeou
         refusal = version_refusal(plan.protocol_version)
         raise _Refusal(refusal.code, refusal.message, details=refusal.details)
     filters: dict[str, SerializedFilter] = {}
-    for spec in plan.filters:
-        if spec.node_id in filters:
-            raise _Refusal("bad_plan", f"node `{spec.node_id}` appears twice in filters")
-        filters[spec.node_id] = spec
+    for serialized in plan.filters:
+        if serialized.node_id in filters:
+            raise _Refusal("bad_plan", f"node `{serialized.node_id}` appears twice in filters")
+        filters[serialized.node_id] = serialized
     units: list[_Unit] = []
     _flatten(plan.plan, units)
     order = [nid for unit in units for nid in unit.node_ids]
@@ -554,7 +554,8 @@ class PlanExecutor:
         if run.answered.done():
             return run.answered.result()
         if task.done():
-            return task.result()
+            reply: Reply = task.result()
+            return reply
         return run.cancelled_reply()
 
     async def cancel(self, plan_id: str, conn: Peer) -> bool:
@@ -1531,14 +1532,14 @@ class _PlanRun:
                 # v1 has no marker encoding: a state holding objects or tensors goes as the child's pickle.
                 want_blob = fit_key is not None or self.spec.dialect == "v1"
                 reply = await self._call("FIT", node_id, node_id=node_id, data=x, y=self._y, blob=want_blob)
-                state = reply.get("result")
-                if self.spec.dialect == "v1" and _holds_markers(state):
+                fitted = reply.get("result")
+                if self.spec.dialect == "v1" and _holds_markers(fitted):
                     self._states[node_id] = Opaque(reply["blob"], [])
                 else:
-                    self._states[node_id] = state
+                    self._states[node_id] = fitted
                 no_user_code = False
                 # Parameter owners train their weights in place: their fit states are never cached.
-                if fit_key is not None and reply.get("blob") is not None and not is_envelope(state):
+                if fit_key is not None and reply.get("blob") is not None and not is_envelope(fitted):
                     await self._remember(fit_key, reply["blob"], "state", node_id, None)
         if out_key is not None:
             hit = await self._lookup(node_id, out_key, "output")
