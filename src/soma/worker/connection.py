@@ -22,6 +22,7 @@ import dataclasses
 import enum
 import itertools
 import json
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -103,8 +104,14 @@ _FLUSH_S = 5.0
 _DECODE_IN_THREAD_BYTES = 1 << 20
 """Frames this large are decoded off the event loop (v1 JSON of big values takes a while)."""
 
-# Replies that carry user values: encoding them can be heavy (v1 JSON), so it runs in a thread.
+# Replies that carry user values: encoding a large one can be heavy (v1 JSON), so it runs in a thread.
 _VALUE_REPLIES = frozenset({"PlanResult", "StateResult", "GradientsResult", "ChunkResult", "StreamComplete"})
+
+_SMALL_NODES = 512
+"""Most containers, items and fields a reply may hold and still be encoded on the event loop."""
+
+_SMALL_BYTES = 256 << 10
+"""Most string and buffer bytes a reply may hold and still be encoded on the event loop."""
 _UNSUPPORTED = {
     AssignPythonJob.type: "Python jobs (AssignPythonJob) are not available in this build of the worker",
     StreamBegin.type: "streamed execution (StreamBegin) is not available in this build of the worker",
@@ -252,7 +259,7 @@ class Connection:
         """
         if re is not None and msg.re is None and self.dialect == "v2":
             msg = dataclasses.replace(msg, re=re)
-        if msg.type in _VALUE_REPLIES:
+        if msg.type in _VALUE_REPLIES and not _is_small(msg):
             frame = await asyncio.to_thread(self.codec.encode, msg)
         else:
             frame = self.codec.encode(msg)
@@ -628,6 +635,46 @@ def _outcome(reply: Reply) -> str:
     if isinstance(reply, PlanResult) and isinstance(reply.result, PlanFailure):
         return reply.result.error.code
     return "ok"
+
+
+def _is_small(value: Any) -> bool:
+    """Whether ``value`` is certainly cheap to encode (well under a millisecond), so that encoding it
+    on the event loop costs less than a hop to a thread.
+
+    Conservative and bounded: the walk stops at ``_SMALL_NODES`` nodes or ``_SMALL_BYTES`` bytes,
+    and any type it does not know (an object array, a foreign object) counts as large.
+    """
+    numpy = sys.modules.get("numpy")  # an array exists only if numpy is loaded; never load it here
+    nodes = 0
+    size = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        nodes += 1
+        if nodes > _SMALL_NODES:
+            return False
+        if item is None or isinstance(item, bool | int | float):
+            continue
+        if isinstance(item, str):
+            size += len(item)
+        elif isinstance(item, bytes | bytearray | memoryview):
+            size += memoryview(item).nbytes
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            stack.extend(getattr(item, f.name) for f in dataclasses.fields(item))
+        elif numpy is not None and isinstance(item, numpy.ndarray):
+            if item.dtype.hasobject:
+                return False
+            size += item.nbytes
+        else:
+            return False
+        if size > _SMALL_BYTES:
+            return False
+    return True
 
 
 def _frame_type(data: str | bytes, dialect: Dialect) -> str:
