@@ -126,6 +126,8 @@ class AsyncRemoteClient:
         """
         if self.state is ClientState.CLOSED:
             raise RemoteError(f"the client of worker {self.address} is closed", code="internal")
+        if self.state is ClientState.OPEN and self.welcome is not None:
+            return self.welcome  # the common case: no lock to take
         async with self._connect_lock:
             if self.state is ClientState.OPEN and self.welcome is not None:
                 return self.welcome

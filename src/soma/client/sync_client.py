@@ -15,6 +15,7 @@ import concurrent.futures
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Coroutine
 from typing import Any, Self, TypeVar
 
@@ -49,6 +50,36 @@ class _LoopThread:
             coro.close()
             raise RuntimeError("the synchronous client cannot be called from its own loop thread")
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+
+class _Mailbox:
+    """Frames handed from the loop thread to a waiting caller, one wake-up per burst.
+
+    Waking a thread costs far more than queueing a frame, so the loop thread signals only
+    when the caller has taken everything signalled before; the caller then takes all
+    frames queued so far, in order. ``None`` comes last: the reply (or error) is ready.
+    """
+
+    def __init__(self) -> None:
+        self._frames: deque[Reply | None] = deque()
+        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._signalled = False
+
+    def put(self, frame: Reply | None) -> None:
+        """Queue ``frame`` (loop thread)."""
+        self._frames.append(frame)
+        if not self._signalled:
+            self._signalled = True
+            self._wake.put(None)
+
+    def take(self) -> list[Reply | None]:
+        """Wait for a signal, then every frame queued so far (caller thread); may be empty."""
+        self._wake.get()
+        self._signalled = False  # reset before draining: a frame queued from now on signals again
+        frames = []
+        while self._frames:
+            frames.append(self._frames.popleft())
+        return frames
 
 
 _loop_thread: _LoopThread | None = None
@@ -115,7 +146,11 @@ class RemoteClient:
 
     def connect(self) -> Welcome:
         """Connect if needed; the worker's ``Welcome`` (see :meth:`AsyncRemoteClient.connect`)."""
-        return self._call(self._core.connect())
+        core = self._core
+        welcome = core.welcome
+        if core.state is ClientState.OPEN and welcome is not None:
+            return welcome  # already open: no hop to the loop thread
+        return self._call(core.connect())
 
     def request(
         self,
@@ -127,13 +162,15 @@ class RemoteClient:
         """Send ``message``; its terminal reply (see :meth:`AsyncRemoteClient.request`)."""
         if on_frame is None:
             return self._call(self._core.request(message, deadline=deadline))
-        inbox: queue.SimpleQueue[Reply | None] = queue.SimpleQueue()
-        future = _loop().submit(self._core.request(message, on_frame=inbox.put, deadline=deadline))
-        future.add_done_callback(lambda _: inbox.put(None))
+        mailbox = _Mailbox()
+        future = _loop().submit(self._core.request(message, on_frame=mailbox.put, deadline=deadline))
+        future.add_done_callback(lambda _: mailbox.put(None))
         try:
-            while (frame := inbox.get()) is not None:
-                on_frame(frame)
-            return future.result()
+            while True:
+                for frame in mailbox.take():
+                    if frame is None:
+                        return future.result()
+                    on_frame(frame)
         except BaseException:
             future.cancel()
             raise
