@@ -61,7 +61,6 @@ from soma.wire.messages import (
     Error,
     ErrorInfo,
     Event,
-    FitMode,
     GetGradients,
     GetState,
     GradientsResult,
@@ -79,18 +78,15 @@ from soma.wire.messages import (
     StreamRef,
     ZarrRef,
     make_error,
-    version_refusal,
 )
 from soma.worker.blobcache import BlobCache, BlobHit
-from soma.worker.config import WorkerConfig, parse_size
+from soma.worker.config import WorkerConfig
 from soma.worker.detect import Detected, Effective, detect_cpus, detect_gpus, detect_ram, effective
 from soma.worker.slots import GpuLease, GpuLeases, Permit, ResourceBusy, Slots
 from soma.worker.store import Pin, Store, StoredValue, StoreError
+from soma.worker.validate import PlanSpec, Refusal, validate_plan
 
-__all__ = ["SESSION_IDLE_S", "Peer", "PlanExecutor"]
-
-SESSION_IDLE_S = 600.0
-"""Default idle time after which a session ends (``session.idle_s``)."""
+__all__ = ["Peer", "PlanExecutor"]
 
 _CANCEL_GRACE_S = 0.5
 """How long a cancelled plan may take to report its own ``cancelled`` failure before one is sent for it."""
@@ -98,9 +94,6 @@ _CANCEL_GRACE_S = 0.5
 _CLOSE_WAIT_S = 5.0
 _RETURN_WAIT_S = 1.0
 """How long a plan waits for a child being reset before the pool spawns another."""
-_FIT = "fit"
-_FORWARD = "forward"
-
 T = TypeVar("T")
 
 
@@ -129,17 +122,6 @@ class _Metrics(Protocol):
 # --------------------------------------------------------------------------- failures
 
 
-class _Refusal(Exception):
-    """A request refused before any side effect (v1 ``Failed``, v2 ``Error``)."""
-
-    def __init__(self, code: str, message: str, *, node_id: str | None = None, details: dict[str, Any] | None = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.node_id = node_id
-        self.details = details
-
-
 class _Failed(Exception):
     """A plan failed while executing; ``info`` is its ``PlanResult`` error."""
 
@@ -163,255 +145,6 @@ def _code_of(failure: ChildFailure) -> str:
 
 
 # --------------------------------------------------------------------------- validated plans
-
-
-@dataclass(frozen=True)
-class _Unit:
-    """One step of the walk: a node (``cached_key`` from a ``Cached`` step) or a composite."""
-
-    node_ids: tuple[str, ...]
-    composite: bool = False
-    cached_key: str | None = None
-
-
-@dataclass(frozen=True)
-class _Resources:
-    threads: int | None = None
-    gpus: int | None = None
-    memory: int | None = None
-
-
-@dataclass
-class _Spec:
-    """A validated plan: what runs, in which order, fed by what, under which limits."""
-
-    plan: SerializedPlan
-    dialect: str
-    units: list[_Unit]
-    order: list[str]
-    preds: dict[str, list[str]]
-    filters: dict[str, SerializedFilter]
-    outputs: list[str]
-    fit: bool
-    y: Any
-    batch_size: int | None
-    budget: float
-    composite_phase: str
-    events: bool
-    logs: bool
-    resources: _Resources
-    keep: bool
-    idle_s: float
-
-    @property
-    def phase(self) -> str:
-        return _FIT if self.fit else _FORWARD
-
-    @property
-    def one_command_composites(self) -> bool:
-        """Whether composites run as one COMPOSITE_FIT/COMPOSITE_FORWARD rather than node by node (§6.3, §6.4)."""
-        if self.dialect == "v1":
-            return True
-        return self.fit and self.composite_phase in ("grad", "all")
-
-    @property
-    def cached(self) -> bool:
-        """Whether the worker cache is used at all (never for v1 plans, §6.5)."""
-        return self.dialect == "v2"
-
-
-def _flatten(plan: Mapping[str, Any], units: list[_Unit]) -> None:
-    kind = plan["type"]
-    if kind == "Empty":
-        return
-    if kind == "Execute":
-        units.append(_Unit((plan["node_id"],)))
-    elif kind == "Cached":
-        units.append(_Unit((plan["node_id"],), cached_key=plan["key"]))
-    elif kind == "Composite":
-        if not plan["node_ids"]:
-            raise _Refusal("bad_plan", "a Composite step names no nodes")
-        units.append(_Unit(tuple(plan["node_ids"]), composite=True))
-    elif kind == "Sequence":
-        for step in plan["steps"]:
-            _flatten(step, units)
-    elif kind == "Parallel":
-        for branch in plan["branches"]:
-            _flatten(branch, units)
-    elif kind == "Remote":
-        _flatten(plan["plan"], units)
-    else:
-        raise _Refusal(
-            "unsupported_plan",
-            f"{kind} steps (node `{plan.get('node_id')}`) are reserved and not executed by this worker",
-            node_id=plan.get("node_id"),
-        )
-
-
-def _resources(raw: Any, caps: Effective) -> _Resources:
-    if raw is None:
-        return _Resources()
-    if not isinstance(raw, dict):
-        raise _Refusal("bad_plan", f"resources must be a map, got {type(raw).__name__}")
-
-    def count(name: str, minimum: int) -> int | None:
-        value = raw.get(name)
-        if value is None:
-            return None
-        if type(value) is not int or value < minimum:
-            raise _Refusal("bad_plan", f"resources.{name} must be an int >= {minimum}, got {value!r}")
-        return value
-
-    cpus, gpus = count("cpus", 1), count("gpus", 0)
-    memory = raw.get("memory")
-    if memory is not None:
-        try:
-            memory = parse_size(memory)
-        except SomaConfigError as exc:
-            raise _Refusal("bad_plan", f"resources.memory: {exc}") from None
-        if memory < 1:
-            raise _Refusal("bad_plan", "resources.memory must be a positive size")
-    if cpus is not None and cpus > caps.cpu_cores:
-        raise _Refusal(
-            "insufficient_resources", f"the plan needs {cpus} CPUs and this worker has {caps.cpu_cores}"
-        )
-    if gpus is not None and gpus > len(caps.gpus):
-        raise _Refusal(
-            "insufficient_resources", f"the plan needs {gpus} GPUs and this worker allows {len(caps.gpus)}"
-        )
-    if memory is not None and memory > caps.ram_bytes:
-        raise _Refusal(
-            "insufficient_resources",
-            f"the plan needs {memory} bytes of memory and this worker has {caps.ram_bytes}",
-        )
-    return _Resources(threads=cpus, gpus=gpus, memory=memory)
-
-
-def _validate(plan: SerializedPlan, dialect: str, caps: Effective, worker_timeout: float) -> _Spec:
-    """Check a plan (worker spec §6.1 step 1) and describe its walk; raises ``_Refusal``."""
-    accepted = (None, 1) if dialect == "v1" else (None, 2)
-    if plan.protocol_version not in accepted:
-        refusal = version_refusal(plan.protocol_version)
-        raise _Refusal(refusal.code, refusal.message, details=refusal.details)
-    filters: dict[str, SerializedFilter] = {}
-    for serialized in plan.filters:
-        if serialized.node_id in filters:
-            raise _Refusal("bad_plan", f"node `{serialized.node_id}` appears twice in filters")
-        filters[serialized.node_id] = serialized
-    units: list[_Unit] = []
-    _flatten(plan.plan, units)
-    order = [nid for unit in units for nid in unit.node_ids]
-    for nid in order:
-        if nid not in filters:
-            raise _Refusal("unknown_node", f"node `{nid}` not found in graph", node_id=nid)
-    if len(set(order)) != len(order):
-        twice = next(nid for nid in order if order.count(nid) > 1)
-        raise _Refusal("bad_plan", f"node `{twice}` appears twice in the plan", node_id=twice)
-    position = {nid: i for i, nid in enumerate(order)}
-    external = plan.external if dialect == "v2" else {}
-    preds = _predecessors(plan, order, position, external)
-    outputs: list[str] = []
-    if dialect == "v2":
-        outputs = list(dict.fromkeys(plan.outputs))
-        for nid in outputs:
-            if nid not in position:
-                raise _Refusal("bad_plan", f"outputs names `{nid}`, which is not a node of the plan", node_id=nid)
-        if not outputs:
-            feeding = {p for sources in preds.values() for p in sources}
-            outputs = [nid for nid in order if nid not in feeding]
-    elif order:
-        outputs = [order[-1]]
-    fit = isinstance(plan.mode, FitMode)
-    batch_size = plan.mode.batch_size if isinstance(plan.mode, FitMode) else None
-    if batch_size is not None and batch_size < 1:
-        raise _Refusal("bad_plan", f"mode.Fit.batch_size must be >= 1, got {batch_size}")
-    timeout_s = plan.timeout_s
-    if timeout_s is not None and not (timeout_s > 0):
-        raise _Refusal("bad_plan", f"timeout_s must be > 0, got {timeout_s!r}")
-    metadata = plan.metadata if isinstance(plan.metadata, dict) else {}
-    if dialect == "v2":
-        events_opt = plan.events or {}
-        events, logs = events_opt.get("enabled", True) is not False, events_opt.get("logs") is True
-    else:
-        events, logs = metadata.get("soma_events") is True, False
-    session = plan.session or {}
-    idle_s = session.get("idle_s", SESSION_IDLE_S)
-    if isinstance(idle_s, bool) or not isinstance(idle_s, int | float) or not idle_s > 0:
-        raise _Refusal("bad_plan", f"session.idle_s must be a positive number of seconds, got {idle_s!r}")
-    spec = _Spec(
-        plan=plan,
-        dialect=dialect,
-        units=units,
-        order=order,
-        preds=preds,
-        filters=filters,
-        outputs=outputs,
-        fit=fit,
-        y=plan.mode.y if isinstance(plan.mode, FitMode) else None,
-        batch_size=batch_size,
-        budget=min(timeout_s if timeout_s is not None else math.inf, worker_timeout),
-        composite_phase=plan.composite_phase if dialect == "v2" else "all",
-        events=events,
-        logs=logs,
-        resources=_resources(plan.resources, caps) if dialect == "v2" else _Resources(),
-        keep=session.get("keep") is True,
-        idle_s=float(idle_s),
-    )
-    _check_composites(spec)
-    return spec
-
-
-def _predecessors(
-    plan: SerializedPlan, order: list[str], position: dict[str, int], external: Mapping[str, Any]
-) -> dict[str, list[str]]:
-    if plan.edges is None:
-        # Soma 0.2.43 dialect: each node reads the node before it in flattened plan order.
-        return {nid: [order[i - 1]] if i else [] for i, nid in enumerate(order)}
-    preds: dict[str, list[str]] = {nid: [] for nid in order}
-    for src, dst in plan.edges:
-        if dst not in position:
-            raise _Refusal("bad_plan", f"edge {src} -> {dst} ends outside the plan's nodes", node_id=dst)
-        if src in position:
-            if position[src] >= position[dst]:
-                raise _Refusal(
-                    "bad_plan",
-                    f"edge {src} -> {dst} goes against the plan order or closes a cycle",
-                    node_id=dst,
-                )
-        elif src not in external:
-            raise _Refusal(
-                "bad_plan",
-                f"edge {src} -> {dst} starts outside the plan and `{src}` has no value in external",
-                node_id=dst,
-            )
-        if src not in preds[dst]:
-            preds[dst].append(src)
-    return preds
-
-
-def _check_composites(spec: _Spec) -> None:
-    """A composite run as one command must be a chain whose inner outputs nobody else reads."""
-    if not spec.one_command_composites:
-        return
-    readers: dict[str, set[str]] = {}
-    for nid, sources in spec.preds.items():
-        for source in sources:
-            readers.setdefault(source, set()).add(nid)
-    for unit in spec.units:
-        if not unit.composite:
-            continue
-        ids = unit.node_ids
-        for i, nid in enumerate(ids):
-            if i and spec.preds[nid] != [ids[i - 1]]:
-                raise _Refusal("bad_plan", f"composite {list(ids)} is not a chain at `{nid}`", node_id=nid)
-            if i < len(ids) - 1 and (nid in spec.outputs or readers.get(nid, set()) - {ids[i + 1]}):
-                raise _Refusal(
-                    "bad_plan",
-                    f"the output of `{nid}` inside composite {list(ids)} is needed outside it",
-                    node_id=nid,
-                )
-
-
 def _filter_digest(filters: Mapping[str, SerializedFilter]) -> tuple[tuple[str, str, bool, bool], ...]:
     return tuple(
         sorted(
@@ -532,12 +265,12 @@ class PlanExecutor:
         key = (id(conn), plan.plan_id)
         try:
             if self._closing:
-                raise _Refusal("shutting_down", "the worker is shutting down; send the plan elsewhere or later")
-            spec = _validate(plan, dialect, self._caps, self._config.timeout)
+                raise Refusal("shutting_down", "the worker is shutting down; send the plan elsewhere or later")
+            spec = validate_plan(plan, dialect, self._caps, self._config.timeout)
             if key in self._runs:
-                raise _Refusal("bad_plan", f"plan {plan.plan_id!r} is already running on this connection")
+                raise Refusal("bad_plan", f"plan {plan.plan_id!r} is already running on this connection")
             session = self._plan_session(plan, conn, spec)
-        except _Refusal as refusal:
+        except Refusal as refusal:
             worker_logger.info("plan %s refused: %s: %s", plan.plan_id, refusal.code, refusal.message)
             return self._refusal(msg, dialect, refusal)
         run = _PlanRun(self, spec, msg, conn, session, received)
@@ -803,14 +536,14 @@ class PlanExecutor:
 
     # -- sessions ------------------------------------------------------------------------------
 
-    def _plan_session(self, plan: SerializedPlan, conn: Peer, spec: _Spec) -> _Session | None:
+    def _plan_session(self, plan: SerializedPlan, conn: Peer, spec: PlanSpec) -> _Session | None:
         if plan.session_id is None:
             if spec.keep and (id(conn), plan.plan_id) in self._sessions:
-                raise _Refusal("bad_plan", f"a session {plan.plan_id!r} is already open on this connection")
+                raise Refusal("bad_plan", f"a session {plan.plan_id!r} is already open on this connection")
             return None
         session = self._session_of(conn, plan.session_id)
         if session is None:
-            raise _Refusal("unknown_session", self._unknown_session_text(plan.session_id))
+            raise Refusal("unknown_session", self._unknown_session_text(plan.session_id))
         return session
 
     def _session_of(self, conn: Peer, session_id: str) -> _Session | None:
@@ -857,7 +590,7 @@ class PlanExecutor:
         )
 
     def _open_session(
-        self, key: tuple[int, str], child: Child, permit: Permit | None, lease: GpuLease | None, spec: _Spec
+        self, key: tuple[int, str], child: Child, permit: Permit | None, lease: GpuLease | None, spec: PlanSpec
     ) -> _Session:
         """Register a child already pinned in the pool as a session holding ``permit`` and ``lease``."""
         # Returning a pinned child to the pool stops its memory watch: watch it again.
@@ -921,7 +654,7 @@ class PlanExecutor:
 
     # -- replies -------------------------------------------------------------------------------
 
-    def _refusal(self, msg: AssignPlan, dialect: str, refusal: _Refusal) -> Reply:
+    def _refusal(self, msg: AssignPlan, dialect: str, refusal: Refusal) -> Reply:
         if dialect == "v1":
             info = _info(refusal.code, refusal.message, node_id=refusal.node_id)
             failed = PlanFailure(error=info)
@@ -1062,7 +795,7 @@ class _PlanRun:
     def __init__(
         self,
         executor: PlanExecutor,
-        spec: _Spec,
+        spec: PlanSpec,
         msg: AssignPlan,
         conn: Peer,
         session: _Session | None,
