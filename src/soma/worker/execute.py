@@ -30,15 +30,11 @@ import concurrent.futures
 import contextlib
 import functools
 import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
-
-import msgpack
-import numpy as np
 
 from soma.errors import SomaConfigError, SomaError
 from soma.isolation.failures import ChildFailure
@@ -50,40 +46,34 @@ from soma.isolation.spec import ChildSpec
 from soma.isolation.training import is_envelope
 from soma.log import worker_logger
 from soma.runtime import events as ev
-from soma.wire import v1, v2
 from soma.wire.errors import WireError
 from soma.wire.messages import (
-    ERROR_CODES,
     Ack,
     ApplyGradients,
     AssignPlan,
-    CachedRef,
     Error,
     ErrorInfo,
     Event,
     GetGradients,
     GetState,
     GradientsResult,
-    InlineRef,
-    LocalRef,
     PlanFailure,
     PlanResult,
     PlanSuccess,
     Reply,
-    S3Ref,
     SerializedFilter,
     SerializedPlan,
     SetState,
     StateResult,
-    StreamRef,
-    ZarrRef,
     make_error,
 )
 from soma.worker.blobcache import BlobCache, BlobHit
 from soma.worker.config import WorkerConfig
 from soma.worker.detect import Detected, Effective, detect_cpus, detect_gpus, detect_ram, effective
 from soma.worker.slots import GpuLease, GpuLeases, Permit, ResourceBusy, Slots
-from soma.worker.store import Pin, Store, StoredValue, StoreError
+from soma.worker.failures import Failed, error_info, wire_code
+from soma.worker.references import REFERENCES, Pins, encodes_quickly, outbound, outbound_map
+from soma.worker.store import Store
 from soma.worker.validate import PlanSpec, Refusal, validate_plan
 
 __all__ = ["Peer", "PlanExecutor"]
@@ -119,32 +109,6 @@ class _Metrics(Protocol):
     def cache_misses(self) -> Any: ...
 
 
-# --------------------------------------------------------------------------- failures
-
-
-class _Failed(Exception):
-    """A plan failed while executing; ``info`` is its ``PlanResult`` error."""
-
-    def __init__(self, info: ErrorInfo) -> None:
-        super().__init__(info.message)
-        self.info = info
-
-
-def _info(code: str, message: str, **fields: Any) -> ErrorInfo:
-    if code not in ERROR_CODES:
-        code = "internal"
-    return ErrorInfo(code=code, kind=ERROR_CODES[code][0], message=message, **fields)
-
-
-def _code_of(failure: ChildFailure) -> str:
-    """A child failure's wire code: the parent's own protocol slips are ``internal`` (§5.8)."""
-    code = failure.code
-    if code in ("bad_request", "unknown_command") or code not in ERROR_CODES:
-        return "internal"
-    return code
-
-
-# --------------------------------------------------------------------------- validated plans
 def _filter_digest(filters: Mapping[str, SerializedFilter]) -> tuple[tuple[str, str, bool, bool], ...]:
     return tuple(
         sorted(
@@ -320,8 +284,10 @@ class PlanExecutor:
                     return self._message_error(msg.plan_id, failure, node_id)
                 states[node_id] = reply.get("state")
         try:
-            states = await self._blocking(self._outbound_map, states, conn.dialect)
-        except _Failed as failed:
+            states = await self._blocking(
+                outbound_map, self._store, self._config.inline_threshold, states, conn.dialect
+            )
+        except Failed as failed:
             return make_error(failed.info.code, failed.info.message, plan_id=msg.plan_id)
         return StateResult(worker_id=self._config.worker_id, plan_id=msg.plan_id, states=states)
 
@@ -331,17 +297,17 @@ class PlanExecutor:
         if session is None:
             return self._unknown_session(msg.plan_id)
         done: list[str] = []
-        async with self._using(session), _Pins(self._store) as pins:
+        async with self._using(session), Pins(self._store) as pins:
             if session.ended:
                 return self._unknown_session(msg.plan_id)
             for node_id, value in msg.states.items():
                 try:
                     state = await self._blocking(pins.resolve, value, f"state of `{node_id}`")
                     await self._session_call(session, "SET_STATE", node_id=node_id, state=state)
-                except _Failed as failed:
+                except Failed as failed:
                     return self._set_state_error(msg.plan_id, node_id, done, failed.info.code, failed.info.message)
                 except ChildFailure as failure:
-                    return self._set_state_error(msg.plan_id, node_id, done, _code_of(failure), failure.message)
+                    return self._set_state_error(msg.plan_id, node_id, done, wire_code(failure), failure.message)
                 done.append(node_id)
         return Ack(worker_id=self._config.worker_id, plan_id=msg.plan_id)
 
@@ -367,10 +333,12 @@ class PlanExecutor:
         try:
             if conn.dialect == "v2":
                 gradients = {
-                    node_id: await self._blocking(self._outbound_map, grads, "v2")
+                    node_id: await self._blocking(
+                        outbound_map, self._store, self._config.inline_threshold, grads, "v2"
+                    )
                     for node_id, grads in gradients.items()
                 }
-        except _Failed as failed:
+        except Failed as failed:
             return make_error(failed.info.code, failed.info.message, plan_id=msg.plan_id)
         return GradientsResult(
             worker_id=self._config.worker_id, plan_id=msg.plan_id, gradients=gradients, missing=missing
@@ -381,7 +349,7 @@ class PlanExecutor:
         session = self._session_of(conn, msg.plan_id)
         if session is None:
             return self._unknown_session(msg.plan_id)
-        async with self._using(session), _Pins(self._store) as pins:
+        async with self._using(session), Pins(self._store) as pins:
             if session.ended:
                 return self._unknown_session(msg.plan_id)
             for node_id, grads in msg.gradients.items():
@@ -392,7 +360,7 @@ class PlanExecutor:
                         for name, value in grads.items()
                     }
                     await self._session_call(session, "APPLY_GRADIENTS", node_id=node_id, gradients=resolved, lr=lr)
-                except _Failed as failed:
+                except Failed as failed:
                     return make_error(failed.info.code, failed.info.message, plan_id=msg.plan_id)
                 except ChildFailure as failure:
                     return self._message_error(msg.plan_id, failure, node_id)
@@ -501,39 +469,6 @@ class PlanExecutor:
         if self._metrics is not None:
             self._metrics.plan_seconds.observe(seconds)
 
-    def _outbound(self, value: Any, dialect: str, *, state: bool = False) -> Any:
-        """``value`` itself, or a reference to a stored copy when it reaches the inline threshold (§4.5).
-
-        Runs in a thread (encoding and writing). v1 states have no reference slot and stay inline;
-        a value that cannot travel in the dialect raises ``_Failed`` (``encoding_error``).
-        """
-        threshold = self._config.inline_threshold
-        try:
-            if dialect == "v1":
-                if state:
-                    return value
-                encoded = v1.encode_value(value, "output")
-                body = json.dumps(encoded, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-                if len(body) < threshold:
-                    return value
-                return LocalRef(path=str(self._store.path_for(self._store.put_bytes(body, ".json"))))
-            size, parts = v2.measure_value_frame(value)
-            if size < threshold:
-                return value
-            # Stored part by part: arrays are never joined into one copy of the frame.
-            key = self._store.put_parts(parts, ".soma")
-            return CachedRef(cache_key=key, size=sum(memoryview(part).nbytes for part in parts))
-        except WireError as exc:
-            raise _Failed(_info(exc.code, exc.message)) from None
-        except StoreError as exc:
-            raise _Failed(_info(exc.code, f"a large result could not be stored: {exc}")) from None
-
-    def _outbound_map(self, values: Mapping[str, Any], dialect: str) -> dict[str, Any]:
-        """Each value of a state or gradient map by ``_outbound`` (v1 values stay inline)."""
-        if dialect == "v1":
-            return dict(values)
-        return {name: self._outbound(value, dialect) for name, value in values.items()}
-
     # -- sessions ------------------------------------------------------------------------------
 
     def _plan_session(self, plan: SerializedPlan, conn: Peer, spec: PlanSpec) -> _Session | None:
@@ -635,7 +570,7 @@ class PlanExecutor:
 
     def _message_error(self, session_id: str, failure: ChildFailure, node_id: str) -> Error:
         return make_error(
-            _code_of(failure),
+            wire_code(failure),
             f"node `{node_id}`: {failure.message}",
             worker_id=self._config.worker_id,
             plan_id=session_id,
@@ -656,7 +591,7 @@ class PlanExecutor:
 
     def _refusal(self, msg: AssignPlan, dialect: str, refusal: Refusal) -> Reply:
         if dialect == "v1":
-            info = _info(refusal.code, refusal.message, node_id=refusal.node_id)
+            info = error_info(refusal.code, refusal.message, node_id=refusal.node_id)
             failed = PlanFailure(error=info)
             return PlanResult(worker_id=self._config.worker_id, plan_id=msg.plan.plan_id, result=failed)
         details = dict(refusal.details or {})
@@ -674,116 +609,6 @@ class PlanExecutor:
 def _detect(config: WorkerConfig) -> Effective:
     detected = Detected(cpu_cores=detect_cpus(), ram_bytes=detect_ram(), gpus=tuple(detect_gpus()))
     return effective(detected, cpus=config.cpus, memory=config.memory, gpus=config.gpus, tags=config.tags)
-
-
-# --------------------------------------------------------------------------- references
-
-
-class _Pins:
-    """Resolves references of one request and keeps their store files pinned until it ends."""
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._pins: list[Pin] = []
-
-    async def __aenter__(self) -> _Pins:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.release()
-
-    def release(self) -> None:
-        for pin in self._pins:
-            pin.release()
-        self._pins.clear()
-
-    def resolve(self, value: Any, what: str) -> Any:
-        """The value a reference names (blocking file I/O), or ``value`` itself if it is none.
-
-        Raises ``_Failed`` with ``forbidden_path``, ``unresolved_reference`` (naming the
-        reference and the places searched), ``unsupported_reference`` or ``encoding_error``.
-        """
-        if isinstance(value, InlineRef):
-            return value.value
-        if isinstance(value, S3Ref | ZarrRef | StreamRef):
-            raise _Failed(
-                _info("unsupported_reference", f"{what}: {value.type} references are not supported by this worker")
-            )
-        try:
-            if isinstance(value, LocalRef):
-                stored = self._store.resolve_local(value.path)
-            elif isinstance(value, CachedRef):
-                stored = self._store.find_cached(value.cache_key)
-            else:
-                return value
-        except StoreError as exc:
-            raise _Failed(_info(exc.code, f"{what}: {exc}")) from None
-        if stored.key is not None:
-            self._pins.append(self._store.pin(stored.key))
-            if stored.kind == "soma":
-                value = self._store.recent.get(stored.key, _NOT_KEPT)
-                if value is not _NOT_KEPT:
-                    return value
-        try:
-            return _decode_stored(stored)
-        except (WireError, ValueError, OSError, msgpack.UnpackException) as exc:
-            raise _Failed(_info("encoding_error", f"{what}: cannot decode {stored.path}: {exc}")) from None
-
-
-_NOT_KEPT = object()
-_QUICK_ITEMS = 256
-_QUICK_BYTES = 64 << 10
-
-
-def _encodes_quickly(values: Sequence[Any], threshold: int) -> bool:
-    """Whether ``values`` are so small that encoding them beats a thread hop, and none is stored.
-
-    At most ``_QUICK_ITEMS`` scalars, strings, small arrays or blobs, whose bound on the
-    encoded size (32 bytes an item, strings as escaped JSON) stays under ``_QUICK_BYTES``
-    and under ``threshold``, so ``_outbound`` writes no file.
-    """
-    limit = min(_QUICK_BYTES, threshold)
-    items = 0
-    size = 0
-    stack = list(values)
-    while stack:
-        value = stack.pop()
-        items += 1
-        size += 32
-        if isinstance(value, str):
-            size += 12 * len(value)
-        elif isinstance(value, bytes):
-            size += 2 * len(value)
-        elif isinstance(value, list | tuple | dict):
-            if items + len(stack) + 2 * len(value) > _QUICK_ITEMS:
-                return False
-            stack.extend(value.items() if isinstance(value, dict) else value)
-        elif isinstance(value, Opaque):
-            if value.buffers or not isinstance(value.data, bytes):
-                return False
-            size += 2 * len(value.data)
-        elif isinstance(value, np.ndarray):
-            if value.dtype.hasobject:
-                return False
-            size += 2 * value.nbytes
-        elif not (value is None or isinstance(value, bool | int | float | Handle | np.generic)):
-            return False
-        if items > _QUICK_ITEMS or size >= limit:
-            return False
-    return True
-_REFERENCES = (InlineRef, LocalRef, CachedRef, S3Ref, ZarrRef, StreamRef)
-"""What ``_Pins.resolve`` turns into values; anything else passes through unchanged."""
-
-
-def _decode_stored(stored: StoredValue) -> Any:
-    if stored.kind == "npy":
-        return np.asarray(stored.load_array())
-    data = stored.read_bytes()
-    if stored.kind == "soma":
-        return v2.decode_value_frame(data, "worker")
-    if stored.kind == "json":
-        return v1.decode_value(json.loads(data))
-    return v1.decode_value(msgpack.unpackb(data, raw=False, strict_map_key=False))
 
 
 # --------------------------------------------------------------------------- one plan
@@ -821,7 +646,7 @@ class _PlanRun:
         self._deadline = math.inf
         self._started = received
         self.child: Child | None = None
-        self._pins = _Pins(executor._store)
+        self._pins = Pins(executor._store)
         self._input: Any = None
         self._y: Any = None
         self._external: dict[str, Any] = {}
@@ -850,16 +675,16 @@ class _PlanRun:
         if not self.cancelled.done():
             self.cancelled.set_result(None)
 
-    def _cancelled_info(self) -> ErrorInfo:
-        return _info("cancelled", f"plan {self.plan_id!r} was cancelled: {self.cancel_reason}")
+    def _cancellederror_info(self) -> ErrorInfo:
+        return error_info("cancelled", f"plan {self.plan_id!r} was cancelled: {self.cancel_reason}")
 
     def cancelled_reply(self) -> Reply:
         """The reply sent for a cancelled plan that had not yet answered by itself."""
-        return self._failure_reply(self._cancelled_info())
+        return self._failure_reply(self._cancellederror_info())
 
     def _check_cancel(self) -> None:
         if self.cancel_reason is not None:
-            raise _Failed(self._cancelled_info())
+            raise Failed(self._cancellederror_info())
 
     # -- the lifecycle -----------------------------------------------------------------------
 
@@ -872,7 +697,7 @@ class _PlanRun:
                 reply = await self._execute_with_slot()
         except Exception as exc:  # a bug here must still give the plan its one terminal reply
             worker_logger.exception("plan %s: the executor failed", self.plan_id)
-            reply = self._failure_reply(_info("internal", f"the worker failed: {type(exc).__name__}: {exc}"))
+            reply = self._failure_reply(error_info("internal", f"the worker failed: {type(exc).__name__}: {exc}"))
         finally:
             if self._grace is not None:
                 self._grace.cancel()
@@ -900,7 +725,7 @@ class _PlanRun:
             except asyncio.CancelledError:
                 if self.cancel_reason is None:
                     raise
-                return self._failure_reply(self._cancelled_info())
+                return self._failure_reply(self._cancellederror_info())
             finally:
                 self._acquiring = None
             self._begin()
@@ -945,12 +770,12 @@ class _PlanRun:
                 if self.spec.keep and self.child is not None and self.child.alive:
                     ex._pool.pin(self.child)
                     pinned = self.child
-            except _Failed as failed:
+            except Failed as failed:
                 reply = self._failure_reply(failed.info)
             except ChildFailure as failure:  # no child could be started
                 reply = self._failure_reply(self._child_failure(failure, None))
             except SomaError as exc:  # the pool was closed under the plan
-                reply = self._failure_reply(_info("shutting_down", str(exc)))
+                reply = self._failure_reply(error_info("shutting_down", str(exc)))
             self._pins.release()
             self._observe()
             if pinned is None:
@@ -987,7 +812,7 @@ class _PlanRun:
                 await self._load()
                 session.digest = _filter_digest(self.spec.filters)
             return await self._walk_and_reply()
-        except _Failed as failed:
+        except Failed as failed:
             return self._failure_reply(failed.info)
         finally:
             self._pins.release()
@@ -1015,7 +840,7 @@ class _PlanRun:
 
     def _busy(self, message: str) -> Reply:
         if self.spec.dialect == "v1":
-            return self._failure_reply(_info("busy", message))
+            return self._failure_reply(error_info("busy", message))
         return make_error("busy", message, worker_id=self._config.worker_id, plan_id=self.plan_id)
 
     # -- preparation ---------------------------------------------------------------------------
@@ -1023,7 +848,7 @@ class _PlanRun:
     async def _resolve_references(self) -> None:
         plan = self.spec.plan
         values = [plan.input, self.spec.y, *plan.external.values(), *(f.state for f in self.spec.filters.values())]
-        if any(isinstance(value, _REFERENCES) for value in values):
+        if any(isinstance(value, REFERENCES) for value in values):
             await self._ex._blocking(self._resolve_all)  # file I/O: one thread hop for all of them
         else:
             self._resolve_all()  # inline values only: a thread hop would cost more than the work
@@ -1066,16 +891,16 @@ class _PlanRun:
         assert child is not None
         remaining = self._deadline - time.monotonic()
         if remaining <= 0:
-            raise _Failed(self._timeout_info(node))
+            raise Failed(self._timeouterror_info(node))
         progress = self._on_progress if cmd == "BATCHED_FIT" else None
         try:
             return await self._ex._blocking(child.call, cmd, timeout=remaining, on_progress=progress, **fields)
         except ChildFailure as failure:
-            raise _Failed(self._child_failure(failure, node)) from None
+            raise Failed(self._child_failure(failure, node)) from None
 
-    def _timeout_info(self, node_id: str | None) -> ErrorInfo:
+    def _timeouterror_info(self, node_id: str | None) -> ErrorInfo:
         where = f" while running node `{node_id}`" if node_id is not None else ""
-        return _info(
+        return error_info(
             "timeout",
             f"plan {self.plan_id!r} ran past its time limit of {self.spec.budget:g} s{where}; its child was killed",
             node_id=node_id,
@@ -1083,19 +908,19 @@ class _PlanRun:
 
     def _child_failure(self, failure: ChildFailure, node_id: str | None) -> ErrorInfo:
         if self.cancel_reason is not None and failure.code in ("cancelled", "child_crashed"):
-            return self._cancelled_info()
+            return self._cancellederror_info()
         error = failure.details.get("error") or {}
         node = error.get("node_id") or failure.details.get("node_id") or node_id
         if failure.code == "timeout" and time.monotonic() >= self._deadline - 0.05:
-            return self._timeout_info(node)
-        code = _code_of(failure)
+            return self._timeouterror_info(node)
+        code = wire_code(failure)
         if code == "user_error":
             method = error.get("method")
             python_type = error.get("type")
             message = str(error.get("message", failure.message))
             if self.spec.dialect == "v1":
                 message = f"Python {method or 'user code'}() error: {python_type}: {message}"
-            return _info(
+            return error_info(
                 code,
                 message,
                 node_id=node,
@@ -1103,7 +928,7 @@ class _PlanRun:
                 python_type=python_type,
                 traceback=error.get("traceback"),
             )
-        return _info(code, failure.message, node_id=node, python_type=error.get("type"))
+        return error_info(code, failure.message, node_id=node, python_type=error.get("type"))
 
     async def _emit(self, event: dict[str, Any]) -> None:
         if not self.spec.events or self.cancel_reason is not None:
@@ -1155,7 +980,7 @@ class _PlanRun:
                 for node_id in unit.node_ids:
                     await self._node(node_id, unit.cached_key)
         results = [self._values[nid] for nid in self.spec.outputs] if self.spec.order else [self._input]
-        if _encodes_quickly([*results, *self._states.values()], self._config.inline_threshold):
+        if encodes_quickly([*results, *self._states.values()], self._config.inline_threshold):
             output, states = self._encode_results()
         else:
             output, states = await self._ex._blocking(self._encode_results)
@@ -1220,7 +1045,7 @@ class _PlanRun:
         started = time.perf_counter()
         try:
             no_user_code = await self._compute(node_id, f, cached_key)
-        except _Failed as failed:
+        except Failed as failed:
             await self._node_failed(node_id, failed, started)
             raise
         await self._emit(
@@ -1317,7 +1142,7 @@ class _PlanRun:
                 reply = await self._call("COMPOSITE_FIT", node_ids[0], y=self._y, phase=spec.composite_phase, **fields)
             else:
                 reply = await self._call("COMPOSITE_FORWARD", node_ids[0], **fields)
-        except _Failed as failed:
+        except Failed as failed:
             await self._node_failed(failed.info.node_id or node_ids[0], failed, started)
             raise
         await self._keep_output(last, reply, None)
@@ -1340,7 +1165,7 @@ class _PlanRun:
             summary = self._summaries[last] if node_id == last else "<inside composite>"
             await self._emit(ev.node_completed(self.run_id, spec.phase, node_id, duration, False, summary))
 
-    async def _node_failed(self, node_id: str, failed: _Failed, started: float) -> None:
+    async def _node_failed(self, node_id: str, failed: Failed, started: float) -> None:
         info = failed.info
         text = info.message
         if info.code == "user_error" and self.spec.dialect == "v2":
@@ -1362,15 +1187,19 @@ class _PlanRun:
         """The output (§6.2) and states (§6.3), each inline or by reference (§4.5). Runs in a thread."""
         spec = self.spec
         dialect = spec.dialect
+        store, threshold = self._ex._store, self._config.inline_threshold
         if not spec.order:
             output = None if dialect == "v1" else self._input
-            return self._ex._outbound(output, dialect), {}
+            return outbound(store, threshold, output, dialect), {}
         if len(spec.outputs) == 1:
-            output = self._ex._outbound(self._values[spec.outputs[0]], dialect)
+            output = outbound(store, threshold, self._values[spec.outputs[0]], dialect)
         else:
-            output = {node_id: self._ex._outbound(self._values[node_id], dialect) for node_id in spec.outputs}
+            output = {
+                node_id: outbound(store, threshold, self._values[node_id], dialect) for node_id in spec.outputs
+            }
         states = {
-            node_id: self._ex._outbound(state, dialect, state=True) for node_id, state in self._states.items()
+            node_id: outbound(store, threshold, state, dialect, state=True)
+            for node_id, state in self._states.items()
         }
         return output, states
 
