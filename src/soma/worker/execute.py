@@ -27,16 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import functools
-import hashlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from soma.errors import SomaConfigError, SomaError
+from soma.errors import SomaError
 from soma.isolation.failures import ChildFailure
 from soma.isolation.limits import affinity_for
 from soma.isolation.markers import Handle, Opaque, TorchData
@@ -48,23 +45,18 @@ from soma.log import worker_logger
 from soma.runtime import events as ev
 from soma.wire.errors import WireError
 from soma.wire.messages import (
-    Ack,
     ApplyGradients,
     AssignPlan,
-    Error,
     ErrorInfo,
     Event,
     GetGradients,
     GetState,
-    GradientsResult,
     PlanFailure,
     PlanResult,
     PlanSuccess,
     Reply,
     SerializedFilter,
-    SerializedPlan,
     SetState,
-    StateResult,
     make_error,
 )
 from soma.worker.blobcache import BlobCache, BlobHit
@@ -72,7 +64,8 @@ from soma.worker.config import WorkerConfig
 from soma.worker.detect import Detected, Effective, detect_cpus, detect_gpus, detect_ram, effective
 from soma.worker.slots import GpuLease, GpuLeases, Permit, ResourceBusy, Slots
 from soma.worker.failures import Failed, error_info, wire_code
-from soma.worker.references import REFERENCES, Pins, encodes_quickly, outbound, outbound_map
+from soma.worker.references import REFERENCES, Pins, encodes_quickly, outbound
+from soma.worker.sessions import Session, Sessions, filter_digest
 from soma.worker.store import Store
 from soma.worker.validate import PlanSpec, Refusal, validate_plan
 
@@ -109,15 +102,6 @@ class _Metrics(Protocol):
     def cache_misses(self) -> Any: ...
 
 
-def _filter_digest(filters: Mapping[str, SerializedFilter]) -> tuple[tuple[str, str, bool, bool], ...]:
-    return tuple(
-        sorted(
-            (f.node_id, hashlib.sha256(f.pickled_filter).hexdigest(), f.trainable, f.differentiable)
-            for f in filters.values()
-        )
-    )
-
-
 def _holds_markers(value: Any) -> bool:
     """Whether a neutral value holds ``Opaque`` or ``TorchData`` markers at any depth."""
     if isinstance(value, Opaque | TorchData):
@@ -131,25 +115,6 @@ def _holds_markers(value: Any) -> bool:
 
 def _event(event_type: str, run_id: str, phase: str, **fields: Any) -> dict[str, Any]:
     return {"event_type": event_type, "ts": time.time(), "run_id": run_id, "phase": phase, **fields}
-
-
-# --------------------------------------------------------------------------- sessions
-
-
-@dataclass(eq=False)
-class _Session:
-    """A child pinned after a ``session.keep`` plan (worker spec §6.8), with the slot it holds."""
-
-    key: tuple[int, str]
-    session_id: str
-    child: Child
-    permit: Permit | None
-    gpu_lease: GpuLease | None
-    digest: tuple[tuple[str, str, bool, bool], ...]
-    idle_s: float
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    timer: asyncio.TimerHandle | None = None
-    ended: bool = False
 
 
 # --------------------------------------------------------------------------- the executor
@@ -190,8 +155,8 @@ class PlanExecutor:
         self._runs: dict[tuple[int, str], _PlanRun] = {}
         # Children being reset for the pool after their plan answered, by pool key.
         self._returning: dict[tuple[Any, ...], set[asyncio.Future[None]]] = {}
-        self._sessions: dict[tuple[int, str], _Session] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._sessions = Sessions(config, pool=pool, store=store, blocking=self._blocking, spawn=self._spawn)
         self._closing = False
         self._closed = False
 
@@ -233,7 +198,7 @@ class PlanExecutor:
             spec = validate_plan(plan, dialect, self._caps, self._config.timeout)
             if key in self._runs:
                 raise Refusal("bad_plan", f"plan {plan.plan_id!r} is already running on this connection")
-            session = self._plan_session(plan, conn, spec)
+            session = self._sessions.for_plan(plan, id(conn), spec)
         except Refusal as refusal:
             worker_logger.info("plan %s refused: %s: %s", plan.plan_id, refusal.code, refusal.message)
             return self._refusal(msg, dialect, refusal)
@@ -262,109 +227,27 @@ class PlanExecutor:
         if run is not None:
             run.cancel("cancelled by the client")
             return True
-        session = self._sessions.get(key)
+        session = self._sessions.find(*key)
         if session is not None:
-            await self._end_session(session, "cancelled by the client")
+            await self._sessions.end(session, "cancelled by the client")
             return True
         return False
 
     async def get_state(self, msg: GetState, conn: Peer) -> Reply:
         """``GetState``: ``GET_STATE`` per node of a session -> ``StateResult``."""
-        session = self._session_of(conn, msg.plan_id)
-        if session is None:
-            return self._unknown_session(msg.plan_id)
-        states: dict[str, Any] = {}
-        async with self._using(session):
-            if session.ended:
-                return self._unknown_session(msg.plan_id)
-            for node_id in msg.node_ids:
-                try:
-                    reply = await self._session_call(session, "GET_STATE", node_id=node_id)
-                except ChildFailure as failure:
-                    return self._message_error(msg.plan_id, failure, node_id)
-                states[node_id] = reply.get("state")
-        try:
-            states = await self._blocking(
-                outbound_map, self._store, self._config.inline_threshold, states, conn.dialect
-            )
-        except Failed as failed:
-            return make_error(failed.info.code, failed.info.message, plan_id=msg.plan_id)
-        return StateResult(worker_id=self._config.worker_id, plan_id=msg.plan_id, states=states)
+        return await self._sessions.get_state(msg, id(conn), conn.dialect)
 
     async def set_state(self, msg: SetState, conn: Peer) -> Reply:
         """``SetState``: ``SET_STATE`` per node in order, stopping at the first failure -> ``Ack``."""
-        session = self._session_of(conn, msg.plan_id)
-        if session is None:
-            return self._unknown_session(msg.plan_id)
-        done: list[str] = []
-        async with self._using(session), Pins(self._store) as pins:
-            if session.ended:
-                return self._unknown_session(msg.plan_id)
-            for node_id, value in msg.states.items():
-                try:
-                    state = await self._blocking(pins.resolve, value, f"state of `{node_id}`")
-                    await self._session_call(session, "SET_STATE", node_id=node_id, state=state)
-                except Failed as failed:
-                    return self._set_state_error(msg.plan_id, node_id, done, failed.info.code, failed.info.message)
-                except ChildFailure as failure:
-                    return self._set_state_error(msg.plan_id, node_id, done, wire_code(failure), failure.message)
-                done.append(node_id)
-        return Ack(worker_id=self._config.worker_id, plan_id=msg.plan_id)
+        return await self._sessions.set_state(msg, id(conn))
 
     async def get_gradients(self, msg: GetGradients, conn: Peer) -> Reply:
         """``GetGradients``: ``GET_GRADIENTS`` per node -> ``GradientsResult`` (nodes without any in ``missing``)."""
-        session = self._session_of(conn, msg.plan_id)
-        if session is None:
-            return self._unknown_session(msg.plan_id)
-        gradients: dict[str, Any] = {}
-        missing: list[str] = []
-        async with self._using(session):
-            if session.ended:
-                return self._unknown_session(msg.plan_id)
-            for node_id in msg.node_ids:
-                try:
-                    reply = await self._session_call(session, "GET_GRADIENTS", node_id=node_id)
-                except ChildFailure as failure:
-                    if failure.code == "no_gradient":
-                        missing.append(node_id)
-                        continue
-                    return self._message_error(msg.plan_id, failure, node_id)
-                gradients[node_id] = reply.get("gradients", {})
-        try:
-            if conn.dialect == "v2":
-                gradients = {
-                    node_id: await self._blocking(
-                        outbound_map, self._store, self._config.inline_threshold, grads, "v2"
-                    )
-                    for node_id, grads in gradients.items()
-                }
-        except Failed as failed:
-            return make_error(failed.info.code, failed.info.message, plan_id=msg.plan_id)
-        return GradientsResult(
-            worker_id=self._config.worker_id, plan_id=msg.plan_id, gradients=gradients, missing=missing
-        )
+        return await self._sessions.get_gradients(msg, id(conn), conn.dialect)
 
     async def apply_gradients(self, msg: ApplyGradients, conn: Peer) -> Reply:
         """``ApplyGradients``: ``APPLY_GRADIENTS`` per node with its learning rate -> ``Ack``."""
-        session = self._session_of(conn, msg.plan_id)
-        if session is None:
-            return self._unknown_session(msg.plan_id)
-        async with self._using(session), Pins(self._store) as pins:
-            if session.ended:
-                return self._unknown_session(msg.plan_id)
-            for node_id, grads in msg.gradients.items():
-                lr = msg.lr.get(node_id) if isinstance(msg.lr, dict) else msg.lr
-                try:
-                    resolved = {
-                        name: await self._blocking(pins.resolve, value, f"gradient {name} of `{node_id}`")
-                        for name, value in grads.items()
-                    }
-                    await self._session_call(session, "APPLY_GRADIENTS", node_id=node_id, gradients=resolved, lr=lr)
-                except Failed as failed:
-                    return make_error(failed.info.code, failed.info.message, plan_id=msg.plan_id)
-                except ChildFailure as failure:
-                    return self._message_error(msg.plan_id, failure, node_id)
-        return Ack(worker_id=self._config.worker_id, plan_id=msg.plan_id)
+        return await self._sessions.apply_gradients(msg, id(conn))
 
     async def connection_closed(self, conn: Peer) -> None:
         """Cancel every plan of ``conn`` and end its sessions (worker spec §6.6)."""
@@ -372,9 +255,7 @@ class PlanExecutor:
         for key, run in list(self._runs.items()):
             if key[0] == owner:
                 run.cancel("the connection was closed")
-        for key, session in list(self._sessions.items()):
-            if key[0] == owner:
-                await self._end_session(session, "its connection was closed")
+        await self._sessions.end_all("its connection was closed", owner=owner)
 
     def status(self) -> dict[str, Any]:
         """Running plan ids, queue depth, open sessions and free slots (for ``Status`` and ``/metrics``)."""
@@ -403,8 +284,7 @@ class PlanExecutor:
         self._closing = True
         for run in list(self._runs.values()):
             run.cancel("the worker is shutting down")
-        for session in list(self._sessions.values()):
-            await self._end_session(session, "the worker is shutting down")
+        await self._sessions.end_all("the worker is shutting down")
         await self._settle()
         self._closed = True
         self._io.shutdown(wait=False, cancel_futures=True)
@@ -469,124 +349,6 @@ class PlanExecutor:
         if self._metrics is not None:
             self._metrics.plan_seconds.observe(seconds)
 
-    # -- sessions ------------------------------------------------------------------------------
-
-    def _plan_session(self, plan: SerializedPlan, conn: Peer, spec: PlanSpec) -> _Session | None:
-        if plan.session_id is None:
-            if spec.keep and (id(conn), plan.plan_id) in self._sessions:
-                raise Refusal("bad_plan", f"a session {plan.plan_id!r} is already open on this connection")
-            return None
-        session = self._session_of(conn, plan.session_id)
-        if session is None:
-            raise Refusal("unknown_session", self._unknown_session_text(plan.session_id))
-        return session
-
-    def _session_of(self, conn: Peer, session_id: str) -> _Session | None:
-        session = self._sessions.get((id(conn), session_id))
-        if session is None or session.ended:
-            return None
-        return session
-
-    @staticmethod
-    def _unknown_session_text(session_id: str) -> str:
-        return (
-            f"no session {session_id!r} on this connection: it never existed, ended (cancelled, idle, "
-            "child died) or belongs to another connection"
-        )
-
-    def _unknown_session(self, session_id: str) -> Error:
-        return make_error(
-            "unknown_session",
-            self._unknown_session_text(session_id),
-            worker_id=self._config.worker_id,
-            plan_id=session_id,
-        )
-
-    @contextlib.asynccontextmanager
-    async def _using(self, session: _Session) -> Any:
-        """Hold a session for one request: one user at a time, idle timer stopped meanwhile."""
-        async with session.lock:
-            if session.timer is not None:
-                session.timer.cancel()
-                session.timer = None
-            try:
-                yield session
-            finally:
-                if not session.ended:
-                    if not session.child.alive:
-                        await self._end_session(session, "its child died")
-                    else:
-                        self._arm_idle_timer(session)
-
-    def _arm_idle_timer(self, session: _Session) -> None:
-        loop = asyncio.get_running_loop()
-        session.timer = loop.call_later(
-            session.idle_s, lambda: self._spawn(self._end_session(session, f"idle for {session.idle_s:g} s"))
-        )
-
-    def _open_session(
-        self, key: tuple[int, str], child: Child, permit: Permit | None, lease: GpuLease | None, spec: PlanSpec
-    ) -> _Session:
-        """Register a child already pinned in the pool as a session holding ``permit`` and ``lease``."""
-        # Returning a pinned child to the pool stops its memory watch: watch it again.
-        watch = self._pool.memory_watch
-        if watch is not None:
-            watch.register(child, child.spec.memory_limit)
-        session = _Session(
-            key=key,
-            session_id=key[1],
-            child=child,
-            permit=permit,
-            gpu_lease=lease,
-            digest=_filter_digest(spec.filters),
-            idle_s=spec.idle_s,
-        )
-        self._sessions[key] = session
-        self._arm_idle_timer(session)
-        worker_logger.info("session %s opened on child %d", key[1], child.pid)
-        return session
-
-    async def _end_session(self, session: _Session, reason: str) -> None:
-        if session.ended:
-            return
-        session.ended = True
-        if self._sessions.get(session.key) is session:
-            del self._sessions[session.key]
-        if session.timer is not None:
-            session.timer.cancel()
-            session.timer = None
-        worker_logger.info("session %s ended: %s", session.session_id, reason)
-        session.child.kill("cancelled", detail=f"its session ended ({reason})")
-        with contextlib.suppress(SomaConfigError):
-            await self._blocking(self._pool.kill_pinned, session.child, "released")
-        if session.permit is not None:
-            session.permit.release()
-        if session.gpu_lease is not None:
-            session.gpu_lease.release()
-
-    async def _session_call(self, session: _Session, cmd: str, **fields: Any) -> dict[str, Any]:
-        # Child.call caps state and gradient commands at 60 s (isolation.md §6).
-        return await self._blocking(session.child.call, cmd, timeout=self._config.timeout, **fields)
-
-    def _message_error(self, session_id: str, failure: ChildFailure, node_id: str) -> Error:
-        return make_error(
-            wire_code(failure),
-            f"node `{node_id}`: {failure.message}",
-            worker_id=self._config.worker_id,
-            plan_id=session_id,
-            details={"node_id": node_id},
-        )
-
-    def _set_state_error(self, session_id: str, node_id: str, done: list[str], code: str, message: str) -> Error:
-        already = ", ".join(f"`{n}`" for n in done) or "none"
-        return make_error(
-            code,
-            f"SetState failed at node `{node_id}` (already set: {already}): {message}",
-            worker_id=self._config.worker_id,
-            plan_id=session_id,
-            details={"node_id": node_id, "set": list(done)},
-        )
-
     # -- replies -------------------------------------------------------------------------------
 
     def _refusal(self, msg: AssignPlan, dialect: str, refusal: Refusal) -> Reply:
@@ -623,7 +385,7 @@ class _PlanRun:
         spec: PlanSpec,
         msg: AssignPlan,
         conn: Peer,
-        session: _Session | None,
+        session: Session | None,
         received: float,
     ) -> None:
         self._ex = executor
@@ -691,7 +453,7 @@ class _PlanRun:
     async def execute(self) -> Reply:
         try:
             if self.session is not None:
-                async with self._ex._using(self.session):
+                async with self._ex._sessions.using(self.session):
                     reply = await self._execute_in_session(self.session)
             else:
                 reply = await self._execute_with_slot()
@@ -732,7 +494,7 @@ class _PlanRun:
             self._slot = permit
             reply, pinned = await self._run_pooled(lease)
             if pinned is not None:
-                ex._open_session((id(self.conn), self.plan_id), pinned, permit, lease, self.spec)
+                ex._sessions.open((id(self.conn), self.plan_id), pinned, permit, lease, self.spec)
                 permit = lease = None
             return reply
         finally:
@@ -795,22 +557,22 @@ class _PlanRun:
                 await ex._give_back(child_spec.pool_key, self.child)
             self._observe()
 
-    async def _execute_in_session(self, session: _Session) -> Reply:
+    async def _execute_in_session(self, session: Session) -> Reply:
         if session.ended or not session.child.alive:
-            await self._ex._end_session(session, "its child died")
-            return self._ex._unknown_session(session.session_id)
+            await self._ex._sessions.end(session, "its child died")
+            return self._ex._sessions.unknown(session.session_id)
         self._begin()
         self.child = session.child
         try:
             self._check_cancel()
             await self._resolve_references()
             self._attach_child()
-            if session.digest == _filter_digest(self.spec.filters):
+            if session.digest == filter_digest(self.spec.filters):
                 for node_id, state in self._given.items():
                     await self._call("SET_STATE", node_id, node_id=node_id, state=state)
             else:
                 await self._load()
-                session.digest = _filter_digest(self.spec.filters)
+                session.digest = filter_digest(self.spec.filters)
             return await self._walk_and_reply()
         except Failed as failed:
             return self._failure_reply(failed.info)
