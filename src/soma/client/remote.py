@@ -20,7 +20,6 @@ is the address of a registered worker.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 import threading
 import time
@@ -188,7 +187,7 @@ class WorkerRunner:
             filters.append(
                 SerializedFilter(
                     node_id=nid,
-                    pickled_filter=node.pickled(functools.partial(_pickle_filter, nid)),
+                    pickled_filter=_pickle_filter(nid, node.filter),
                     state=None if state is None else carried(state),
                     requirements=sorted(node.requirements),
                     trainable=node.trainable,

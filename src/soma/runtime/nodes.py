@@ -3,15 +3,13 @@
 A ``NodeRecord`` holds a node's filter and the metadata read when it was added
 (trainable, cacheable, stream mode, target, version, requirements). It also memoises
 what would otherwise be recomputed at every run: the filter identity, the digest of
-parameters that have not changed, the cache keys derived from them, and the pickle a
-worker receives while the filter's instance state is unchanged. The Graph
+parameters that have not changed, and the cache keys derived from them. The Graph
 owns the records; the executor (``soma.runtime.executor``), the key book
 (``soma.runtime.keys``) and the remote runner read them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from soma.filter import params_of
@@ -28,7 +26,6 @@ class NodeRecord:
         "_identity",
         "_key_memo",
         "_params_memo",
-        "_pickle_memo",
         "cacheable",
         "differentiable",
         "filter",
@@ -67,7 +64,6 @@ class NodeRecord:
         self._identity: bytes | None = None
         self._params_memo: tuple[tuple[Any, ...], bytes] | None = None
         self._key_memo: dict[tuple[Any, ...], str] = {}
-        self._pickle_memo: tuple[tuple[Any, ...], bytes] | None = None
 
     @property
     def kind(self) -> str:
@@ -94,23 +90,6 @@ class NodeRecord:
         if snapshot is not None:
             self._params_memo = (snapshot, digest)
         return digest
-
-    def pickled(self, dumps: Callable[[Any], bytes]) -> bytes:
-        """``dumps(filter)``, reused while the filter's whole instance state is unchanged.
-
-        Pickling a class defined in ``__main__`` by value costs about half a millisecond,
-        paid at every remote dispatch otherwise (api.md §5.7 wants the *current*
-        parameters). Only plain instances whose attributes, private ones included, are
-        immutable scalars are memoised: anything else is pickled again each time.
-        """
-        snapshot = _instance_snapshot(self.filter)
-        memo = self._pickle_memo
-        if memo is not None and snapshot is not None and memo[0] == snapshot:
-            return memo[1]
-        data = dumps(self.filter)
-        if snapshot is not None:
-            self._pickle_memo = (snapshot, data)
-        return data
 
     def derived_key(self, parts: tuple[Any, ...]) -> str:
         """``fit_key`` (``parts[0] == "state"``) or ``out_key`` of this node, memoised by their parts."""
@@ -169,35 +148,6 @@ def _scalar_snapshot(filter_obj: Any) -> tuple[Any, ...] | None:
             items.append((name, kind, value.hex()))
         elif kind in _SCALARS:
             items.append((name, kind, value))
-        else:
-            return None
-    return tuple(items)
-
-
-def _instance_snapshot(filter_obj: Any) -> tuple[Any, ...] | None:
-    """A comparable image of everything ``pickle`` takes from ``filter_obj``, or ``None`` when unsure.
-
-    Like ``_scalar_snapshot`` but over all attributes; ``None`` for slots or custom
-    reducers, whose pickled state cannot be read from ``__dict__``.
-    """
-    kind = type(filter_obj)
-    if (
-        kind.__reduce_ex__ is not object.__reduce_ex__
-        or kind.__reduce__ is not object.__reduce__
-        or kind.__getstate__ is not object.__getstate__
-        or any("__slots__" in vars(base) for base in kind.__mro__)
-    ):
-        return None
-    values = getattr(filter_obj, "__dict__", None)
-    if type(values) is not dict:
-        return None
-    items: list[tuple[Any, ...]] = [(kind,)]
-    for name, value in values.items():
-        value_kind = type(value)
-        if value_kind is float:
-            items.append((name, value_kind, value.hex()))
-        elif value_kind in _SCALARS:
-            items.append((name, value_kind, value))
         else:
             return None
     return tuple(items)
