@@ -30,17 +30,15 @@ import concurrent.futures
 import functools
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from soma.errors import SomaError
 from soma.isolation.failures import ChildFailure
 from soma.isolation.limits import affinity_for
-from soma.isolation.markers import Handle, Opaque, TorchData
 from soma.isolation.pool import Pool
 from soma.isolation.process import Child
 from soma.isolation.spec import ChildSpec
-from soma.isolation.training import is_envelope
 from soma.log import worker_logger
 from soma.runtime import events as ev
 from soma.wire.errors import WireError
@@ -55,19 +53,19 @@ from soma.wire.messages import (
     PlanResult,
     PlanSuccess,
     Reply,
-    SerializedFilter,
     SetState,
     make_error,
 )
-from soma.worker.blobcache import BlobCache, BlobHit
+from soma.worker.blobcache import BlobCache
 from soma.worker.config import WorkerConfig
 from soma.worker.detect import Detected, Effective, detect_cpus, detect_gpus, detect_ram, effective
-from soma.worker.slots import GpuLease, GpuLeases, Permit, ResourceBusy, Slots
 from soma.worker.failures import Failed, error_info, wire_code
 from soma.worker.references import REFERENCES, Pins, encodes_quickly, outbound
 from soma.worker.sessions import Session, Sessions, filter_digest
+from soma.worker.slots import GpuLease, GpuLeases, Permit, ResourceBusy, Slots
 from soma.worker.store import Store
 from soma.worker.validate import PlanSpec, Refusal, validate_plan
+from soma.worker.walk import PlanWalk, event
 
 __all__ = ["Peer", "PlanExecutor"]
 
@@ -100,21 +98,6 @@ class _Metrics(Protocol):
 
     @property
     def cache_misses(self) -> Any: ...
-
-
-def _holds_markers(value: Any) -> bool:
-    """Whether a neutral value holds ``Opaque`` or ``TorchData`` markers at any depth."""
-    if isinstance(value, Opaque | TorchData):
-        return True
-    if isinstance(value, dict):
-        return any(_holds_markers(item) for item in value.values())
-    if isinstance(value, list | tuple):
-        return any(_holds_markers(item) for item in value)
-    return False
-
-
-def _event(event_type: str, run_id: str, phase: str, **fields: Any) -> dict[str, Any]:
-    return {"event_type": event_type, "ts": time.time(), "run_id": run_id, "phase": phase, **fields}
 
 
 # --------------------------------------------------------------------------- the executor
@@ -413,12 +396,6 @@ class _PlanRun:
         self._y: Any = None
         self._external: dict[str, Any] = {}
         self._given: dict[str, Any] = {}
-        self._values: dict[str, Any] = {}
-        self._summaries: dict[str, str] = {}
-        self._states: dict[str, Any] = {}
-        self._metrics: dict[str, Any] = {}
-        self._want_value = set(spec.outputs)
-        self._target = self._config.advertise or self._config.worker_id
 
     # -- cancellation ----------------------------------------------------------------------
 
@@ -730,22 +707,31 @@ class _PlanRun:
 
     def _on_output(self, stream: str, line: str) -> None:
         node_id = self.child.node_id if self.child is not None else None
-        self._emit_from_thread(_event("Log", self.run_id, self.spec.phase, node_id=node_id, stream=stream, line=line))
+        self._emit_from_thread(event("Log", self.run_id, self.spec.phase, node_id=node_id, stream=stream, line=line))
 
     # -- the walk ----------------------------------------------------------------------------------
 
     async def _walk_and_reply(self) -> PlanResult:
-        for unit in self.spec.units:
-            if unit.composite and self.spec.one_command_composites:
-                await self._composite(unit.node_ids)
-            else:
-                for node_id in unit.node_ids:
-                    await self._node(node_id, unit.cached_key)
-        results = [self._values[nid] for nid in self.spec.outputs] if self.spec.order else [self._input]
-        if encodes_quickly([*results, *self._states.values()], self._config.inline_threshold):
-            output, states = self._encode_results()
+        ex = self._ex
+        walk = PlanWalk(
+            self.spec,
+            run_id=self.run_id,
+            target=self._config.advertise or self._config.worker_id,
+            x=self._input,
+            y=self._y,
+            external=self._external,
+            call=self._call,
+            emit=self._emit,
+            cache=ex._cache,
+            count_cache=ex._count_cache,
+            blocking=ex._blocking,
+        )
+        await walk.run()
+        results = [walk.values[nid] for nid in self.spec.outputs] if self.spec.order else [self._input]
+        if encodes_quickly([*results, *walk.states.values()], self._config.inline_threshold):
+            output, states = self._encode_results(walk)
         else:
-            output, states = await self._ex._blocking(self._encode_results)
+            output, states = await ex._blocking(self._encode_results, walk)
         now = time.monotonic()
         success = PlanSuccess(
             output=output,
@@ -756,196 +742,16 @@ class _PlanRun:
                 "env_ms": 0,
                 "exec_ms": int((now - self._started) * 1000),
             },
-            metrics=self._metrics,
+            metrics=walk.metrics,
         )
         worker_logger.info(
             "plan %s: %d node(s) %s in %d ms", self.plan_id, len(self.spec.order), self.spec.phase, success.duration_ms
         )
         return PlanResult(worker_id=self._config.worker_id, plan_id=self.plan_id, result=success)
 
-    def _input_of(self, node_id: str) -> Any:
-        preds = self.spec.preds[node_id]
-        if not preds:
-            return self._input
-        if len(preds) == 1:
-            return self._value_of(preds[0])
-        return {pred: self._value_of(pred) for pred in preds}
-
-    def _value_of(self, node_id: str) -> Any:
-        return self._values[node_id] if node_id in self._values else self._external[node_id]
-
-    def _keys(self, f: SerializedFilter, cached_key: str | None) -> tuple[str | None, str | None]:
-        if not (self.spec.cached and f.cacheable):
-            return None, None
-        out_key = None if f.differentiable else (cached_key or f.out_key)
-        return f.fit_key, out_key
-
-    async def _lookup(self, node_id: str, key: str, what: str) -> BlobHit | None:
-        cache = self._ex._cache
-        hit = cache.get(key) if cache.disk is None else await self._ex._blocking(cache.get, key)
-        self._ex._count_cache(hit is not None)
-        if hit is not None:
-            await self._emit(
-                ev.node_cache_hit(self.run_id, self.spec.phase, node_id, key, hit.tier, what, hit.load_time_ms)
-            )
-        return hit
-
-    async def _remember(self, key: str, blob: bytes, what: str, node_id: str, summary: str | None) -> None:
-        cache = self._ex._cache
-        if cache.disk is None:
-            cache.put(key, blob, kind=what, node_id=node_id, summary=summary)
-        else:
-            await self._ex._blocking(cache.put, key, blob, kind=what, node_id=node_id, summary=summary)
-
-    async def _node(self, node_id: str, cached_key: str | None) -> None:
-        f = self.spec.filters[node_id]
-        await self._emit(
-            ev.node_started(
-                self.run_id, self.spec.phase, node_id, "Trainable" if f.trainable else "Stateless", self._target
-            )
-        )
-        started = time.perf_counter()
-        try:
-            no_user_code = await self._compute(node_id, f, cached_key)
-        except Failed as failed:
-            await self._node_failed(node_id, failed, started)
-            raise
-        await self._emit(
-            ev.node_completed(
-                self.run_id,
-                self.spec.phase,
-                node_id,
-                time.perf_counter() - started,
-                no_user_code,
-                self._summaries.get(node_id, "None"),
-            )
-        )
-
-    async def _compute(self, node_id: str, f: SerializedFilter, cached_key: str | None) -> bool:
-        """Produce the node's output (and state, in fit); return whether no user method ran."""
-        x = self._input_of(node_id)
-        fit_key, out_key = self._keys(f, cached_key)
-        give_back = "value" if node_id in self._want_value else "handle"
-        state_field: dict[str, Any] = {}
-        no_user_code = True
-        if self.spec.fit and f.trainable:
-            hit = await self._lookup(node_id, fit_key, "state") if fit_key else None
-            if hit is not None:
-                state = Opaque(hit.blob, [])
-                self._states[node_id] = state
-                state_field["state"] = state
-            elif self.spec.batch_size is not None:
-                reply = await self._call(
-                    "BATCHED_FIT",
-                    node_id,
-                    node_ids=[node_id],
-                    data=x,
-                    y=self._y,
-                    batch_size=self.spec.batch_size,
-                    blob=out_key is not None,
-                    **{"return": give_back},
-                )
-                self._states[node_id] = reply.get("states", {}).get(node_id)
-                await self._keep_output(node_id, reply, out_key)
-                return False
-            else:
-                # v1 has no marker encoding: a state holding objects or tensors goes as the child's pickle.
-                want_blob = fit_key is not None or self.spec.dialect == "v1"
-                reply = await self._call("FIT", node_id, node_id=node_id, data=x, y=self._y, blob=want_blob)
-                fitted = reply.get("result")
-                if self.spec.dialect == "v1" and _holds_markers(fitted):
-                    self._states[node_id] = Opaque(reply["blob"], [])
-                else:
-                    self._states[node_id] = fitted
-                no_user_code = False
-                # Parameter owners train their weights in place: their fit states are never cached.
-                if fit_key is not None and reply.get("blob") is not None and not is_envelope(fitted):
-                    await self._remember(fit_key, reply["blob"], "state", node_id, None)
-        if out_key is not None:
-            hit = await self._lookup(node_id, out_key, "output")
-            if hit is not None:
-                self._values[node_id] = Opaque(hit.blob, [])
-                self._summaries[node_id] = hit.summary or "<cached>"
-                return no_user_code
-        reply = await self._call(
-            "FORWARD",
-            node_id,
-            node_id=node_id,
-            data=x,
-            blob=out_key is not None,
-            **{"return": give_back},
-            **state_field,
-        )
-        await self._keep_output(node_id, reply, out_key)
-        return False
-
-    async def _keep_output(self, node_id: str, reply: Mapping[str, Any], out_key: str | None) -> None:
-        self._values[node_id] = Handle(reply["handle"]) if "handle" in reply else reply.get("result")
-        summary = reply.get("summary")
-        self._summaries[node_id] = summary if isinstance(summary, str) else "None"
-        if out_key is not None and reply.get("blob") is not None:
-            await self._remember(out_key, reply["blob"], "output", node_id, self._summaries[node_id])
-
-    async def _composite(self, node_ids: tuple[str, ...]) -> None:
-        """One COMPOSITE_FIT (fit: v1 phase ``all``, v2 ``grad``/``all``) or COMPOSITE_FORWARD (v1 forward)."""
-        spec = self.spec
-        last = node_ids[-1]
-        for node_id in node_ids:
-            kind = "Trainable" if spec.filters[node_id].trainable else "Stateless"
-            await self._emit(ev.node_started(self.run_id, spec.phase, node_id, kind, self._target))
-        started = time.perf_counter()
-        fields = {
-            "node_ids": list(node_ids),
-            "data": self._input_of(node_ids[0]),
-            "return": "value" if last in self._want_value else "handle",
-        }
-        try:
-            if spec.fit:
-                reply = await self._call("COMPOSITE_FIT", node_ids[0], y=self._y, phase=spec.composite_phase, **fields)
-            else:
-                reply = await self._call("COMPOSITE_FORWARD", node_ids[0], **fields)
-        except Failed as failed:
-            await self._node_failed(failed.info.node_id or node_ids[0], failed, started)
-            raise
-        await self._keep_output(last, reply, None)
-        if spec.fit:
-            self._states.update(reply.get("states") or {})
-            loss = reply.get("loss")
-            self._metrics["loss"] = loss
-            await self._emit(
-                _event(
-                    "Training",
-                    self.run_id,
-                    spec.phase,
-                    node_ids=list(node_ids),
-                    composite_phase=spec.composite_phase,
-                    loss=loss,
-                )
-            )
-        duration = time.perf_counter() - started
-        for node_id in node_ids:
-            summary = self._summaries[last] if node_id == last else "<inside composite>"
-            await self._emit(ev.node_completed(self.run_id, spec.phase, node_id, duration, False, summary))
-
-    async def _node_failed(self, node_id: str, failed: Failed, started: float) -> None:
-        info = failed.info
-        text = info.message
-        if info.code == "user_error" and self.spec.dialect == "v2":
-            text = f"Python {info.method or 'user code'}() error: {info.python_type}: {info.message}"
-        await self._emit(
-            ev.node_failed(
-                self.run_id,
-                self.spec.phase,
-                node_id,
-                text,
-                info.python_type or info.code,
-                time.perf_counter() - started,
-            )
-        )
-
     # -- results -----------------------------------------------------------------------------------
 
-    def _encode_results(self) -> tuple[Any, dict[str, Any]]:
+    def _encode_results(self, walk: PlanWalk) -> tuple[Any, dict[str, Any]]:
         """The output (§6.2) and states (§6.3), each inline or by reference (§4.5). Runs in a thread."""
         spec = self.spec
         dialect = spec.dialect
@@ -954,14 +760,14 @@ class _PlanRun:
             output = None if dialect == "v1" else self._input
             return outbound(store, threshold, output, dialect), {}
         if len(spec.outputs) == 1:
-            output = outbound(store, threshold, self._values[spec.outputs[0]], dialect)
+            output = outbound(store, threshold, walk.values[spec.outputs[0]], dialect)
         else:
             output = {
-                node_id: outbound(store, threshold, self._values[node_id], dialect) for node_id in spec.outputs
+                node_id: outbound(store, threshold, walk.values[node_id], dialect) for node_id in spec.outputs
             }
         states = {
             node_id: outbound(store, threshold, state, dialect, state=True)
-            for node_id, state in self._states.items()
+            for node_id, state in walk.states.items()
         }
         return output, states
 
