@@ -301,7 +301,8 @@ class Sessions:
 
     async def _call(self, session: Session, cmd: str, **fields: Any) -> dict[str, Any]:
         # Child.call caps state and gradient commands at 60 s (isolation.md §6).
-        return await self._blocking(session.child.call, cmd, timeout=self._config.timeout, **fields)
+        reply: dict[str, Any] = await self._blocking(session.child.call, cmd, timeout=self._config.timeout, **fields)
+        return reply
 
     def _message_error(self, session_id: str, failure: ChildFailure, node_id: str) -> Error:
         return make_error(
