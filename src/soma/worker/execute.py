@@ -1,18 +1,22 @@
 """Plan execution on the worker: ``AssignPlan`` from validation to its one terminal reply (worker spec §6).
 
     run_plan(AssignPlan, conn)
-      1 validate, no side effect ───────────▶ refusal: v1 Failed / v2 Error
-      2 slot (FIFO, --max-queue, --queue-timeout; a session's plan uses the session's)
+      1 validate, no side effect (validate.py) ─▶ refusal: v1 Failed / v2 Error
+      2 slot (FIFO, --max-queue, --queue-timeout; a session's plan uses the session's, sessions.py)
         [GPU lease for resources.gpus] ─────▶ busy
-      3 references resolved and pinned (input, y, external, states)
+      3 references resolved and pinned (input, y, external, states; references.py)
       4 child checked out (pool key: interpreter, env, GPUs, threads) or the session's child
         LOAD filters, runtime, seed, states (skipped in a session with the same filters)
-      5 walk: Sequence in order, Parallel members in order, Composite per phase,
+      5 walk (walk.py): Sequence in order, Parallel members in order, Composite per phase,
         Cached = Execute on a worker miss, Remote inside a block runs here;
         per node: cache lookup ─hit─▶ Opaque(blob) ; miss ─▶ FIT / BATCHED_FIT / FORWARD
         intermediates stay in the child as handles; events stream to the client meanwhile
-      6 outputs and states: inline, or stored and referenced at >= inline_threshold
+      6 outputs and states: inline, or stored and referenced at >= inline_threshold (references.py)
       7 child back to the pool (reset) or pinned as a session; pins, GPUs and slot released
+
+This module holds the orchestration: slots and GPU leases, child checkout and return,
+cancellation, the plan's time limit (every child command of the walk goes through
+``_PlanRun._call``, which checks both), draining and shutdown.
 
 Child I/O is blocking (``Child.call``, ``Pool.acquire`` and ``Pool.release`` are synchronous), so
 it runs on the executor's own thread pool and never on the event loop; what cannot block (an
@@ -75,6 +79,7 @@ _CANCEL_GRACE_S = 0.5
 _CLOSE_WAIT_S = 5.0
 _RETURN_WAIT_S = 1.0
 """How long a plan waits for a child being reset before the pool spawns another."""
+
 T = TypeVar("T")
 
 
