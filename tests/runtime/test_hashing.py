@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 import json
 import os
 import subprocess
 import sys
-import textwrap
 import threading
 import types
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,37 +23,8 @@ from soma.errors import SomaConfigError
 from soma.runtime.fingerprint import code_fingerprint
 from soma.runtime.hashing import Unhashable, content, filter_identity
 from soma.runtime.keys import cache_key, fanin_key, fit_key, out_key
+from _temp_modules import MakeModule, unique
 
-MakeModule = Callable[[str, str], types.ModuleType]
-
-
-@pytest.fixture
-def make_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeModule]:
-    """Write ``<name>.py`` into a temp dir on sys.path and import it (reload if imported)."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(sys, "dont_write_bytecode", True)
-    imported: list[str] = []
-    bumps = iter(range(1, 1000))
-
-    def make(name: str, source: str) -> types.ModuleType:
-        path = tmp_path / f"{name}.py"
-        path.write_text(textwrap.dedent(source))
-        # A rewrite within one clock tick must still look changed to linecache.
-        stat = path.stat()
-        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + next(bumps) * 10**9))
-        importlib.invalidate_caches()
-        if name in sys.modules:
-            return importlib.reload(sys.modules[name])
-        imported.append(name)
-        return importlib.import_module(name)
-
-    yield make
-    for name in imported:
-        sys.modules.pop(name, None)
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:8]}"
 
 
 def standin_filter_base() -> type:
