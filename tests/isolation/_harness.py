@@ -24,6 +24,15 @@ def pickled(obj: Any) -> bytes:
     return cloudpickle.dumps(obj, protocol=5)
 
 
+def spec(
+    node_id: str, obj: Any, *, trainable: bool | None = None, differentiable: bool = False
+) -> dict[str, Any]:
+    """A LOAD entry for ``obj``; trainable unless told otherwise or the filter is stateless."""
+    if trainable is None:
+        trainable = getattr(obj, "_kind", "trainable") != "stateless"
+    return {"id": node_id, "pickle": pickled(obj), "trainable": trainable, "differentiable": differentiable}
+
+
 def client_value(value: Any) -> Any:
     """Decode a reply value as a client does: Opaque -> cloudpickle.loads, TorchData -> tensor."""
     if isinstance(value, Opaque):

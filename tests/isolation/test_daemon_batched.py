@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import cloudpickle
 import numpy as np
 import pytest
-from _harness import DaemonProcess, pickled
+from _harness import DaemonProcess, spec
 
 from soma.runtime.batching import partial_fit_loop
 
@@ -71,25 +70,6 @@ class RunningMax:
 
     def forward(self, x: Any, state: Any) -> Any:
         return x
-
-
-def spec(node_id: str, obj: Any) -> dict[str, Any]:
-    trainable = getattr(obj, "_kind", "trainable") != "stateless"
-    return {"id": node_id, "pickle": pickled(obj), "trainable": trainable, "differentiable": False}
-
-
-@pytest.fixture(scope="module")
-def shared() -> Iterator[DaemonProcess]:
-    child = DaemonProcess()
-    yield child
-    child.close()
-
-
-@pytest.fixture
-def daemon(shared: DaemonProcess) -> DaemonProcess:
-    if shared.process.poll() is not None:
-        pytest.fail(f"the shared daemon died: {shared.stderr_text()}")
-    return shared
 
 
 def load(daemon: DaemonProcess, *specs: dict[str, Any]) -> None:

@@ -10,7 +10,8 @@ from typing import Any
 import cloudpickle
 import numpy as np
 import pytest
-from _harness import DaemonProcess, client_value, pickled
+from _harness import DaemonProcess, client_value
+from _harness import spec as load_entry
 
 from soma.isolation.training import ENVELOPE_KEY
 from soma.isolation.markers import TorchData
@@ -88,9 +89,7 @@ Y = np.array([1.0, -0.5, 2.0, 0.0], dtype=np.float32)
 
 
 def spec(node_id: str, obj: Any, *, trainable: bool | None = None) -> dict[str, Any]:
-    if trainable is None:
-        trainable = getattr(obj, "_kind", "trainable") != "stateless"
-    return {"id": node_id, "pickle": pickled(obj), "trainable": trainable, "differentiable": True}
+    return load_entry(node_id, obj, trainable=trainable, differentiable=True)
 
 
 @pytest.fixture(scope="module")

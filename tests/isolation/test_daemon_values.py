@@ -7,14 +7,13 @@ import os
 import pickle
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import cloudpickle
 import numpy as np
 import pytest
-from _harness import DaemonProcess, client_value, pickled
+from _harness import DaemonProcess, client_value, pickled, spec
 
 from soma.isolation.markers import Concat, Handle, Opaque
 
@@ -148,26 +147,6 @@ def opaque(obj: Any) -> Opaque:
     buffers: list[pickle.PickleBuffer] = []
     data = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
     return Opaque(data, [bytes(b.raw()) for b in buffers])
-
-
-def spec(node_id: str, obj: Any, *, trainable: bool | None = None) -> dict[str, Any]:
-    if trainable is None:
-        trainable = getattr(obj, "_kind", "trainable") != "stateless"
-    return {"id": node_id, "pickle": pickled(obj), "trainable": trainable, "differentiable": False}
-
-
-@pytest.fixture(scope="module")
-def shared() -> Iterator[DaemonProcess]:
-    child = DaemonProcess()
-    yield child
-    child.close()
-
-
-@pytest.fixture
-def daemon(shared: DaemonProcess) -> DaemonProcess:
-    if shared.process.poll() is not None:
-        pytest.fail(f"the shared daemon died: {shared.stderr_text()}")
-    return shared
 
 
 def load(daemon: DaemonProcess, *specs: dict[str, Any], seed: int | None = None, **fields: Any) -> dict[str, Any]:
