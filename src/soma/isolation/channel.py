@@ -182,14 +182,7 @@ def _write_all(fd: int, views: list[memoryview], deadline: float | None) -> int:
             _wait(fd, select.POLLOUT, deadline)
             continue
         total += written
-        while written:
-            head = views[start]
-            if written >= head.nbytes:
-                written -= head.nbytes
-                start += 1
-            else:
-                views[start] = head[written:]
-                written = 0
+        start = _advance(views, start, written)
     return total
 
 
@@ -421,6 +414,22 @@ class Ring:
                 raise ChannelClosed("channel closed by the other end during a shared-memory transfer") from exc
 
 
+def _advance(views: list[memoryview], start: int, done: int) -> int:
+    """Drop ``done`` transferred bytes from the front of ``views[start:]``; return the new start.
+
+    ``readv``/``writev`` may stop anywhere, even inside a view, which is then trimmed in place.
+    """
+    while done:
+        head = views[start]
+        if done >= head.nbytes:
+            done -= head.nbytes
+            start += 1
+        else:
+            views[start] = head[done:]
+            done = 0
+    return start
+
+
 def _read_bytes(fd: int, size: int, deadline: float | None, *, at_boundary: bool = False) -> bytes | bytearray:
     """Read exactly ``size`` (small) bytes: one ``os.read`` when they are there, as they usually are."""
     try:
@@ -457,14 +466,7 @@ def _read_exact(fd: int, views: list[memoryview], deadline: float | None, *, at_
                 raise ChannelClosed("channel closed by the other end")
             raise ChannelClosed(f"channel closed inside a frame ({received} of {expected} bytes of a section read)")
         received += n
-        while n:
-            head = views[start]
-            if n >= head.nbytes:
-                n -= head.nbytes
-                start += 1
-            else:
-                views[start] = head[n:]
-                n = 0
+        start = _advance(views, start, n)
 
 
 class _Spin:
