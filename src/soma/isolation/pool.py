@@ -174,14 +174,8 @@ class Pool:
             with self._lock:
                 self._busy.discard(entry.child)
             self._discard(entry.child, "dead_idle")
-        child = Child.spawn(
-            spec,
-            restricted=self.restricted,
-            on_output=self.on_output,
-            spawner=self._spawner,
-        )
+        child = self._spawn(spec)
         with self._lock:
-            self._spawned += 1
             if self._closed:
                 closed = True
             else:
@@ -191,6 +185,12 @@ class Pool:
             child.shutdown()
             self._check_open()
         self._start_use(child, spec)
+        return child
+
+    def _spawn(self, spec: ChildSpec) -> Child:
+        child = Child.spawn(spec, restricted=self.restricted, on_output=self.on_output, spawner=self._spawner)
+        with self._lock:
+            self._spawned += 1
         return child
 
     def _start_use(self, child: Child, spec: ChildSpec) -> None:
@@ -277,14 +277,8 @@ class Pool:
             raise SomaConfigError(f"prewarm count must be >= 0, got {n}")
         for _ in range(n):
             self._check_open()
-            child = Child.spawn(
-                spec,
-                restricted=self.restricted,
-                on_output=self.on_output,
-                spawner=self._spawner,
-            )
+            child = self._spawn(spec)
             with self._lock:
-                self._spawned += 1
                 closed = self._closed
                 if not closed:
                     self._idle[spec.pool_key].append(_Idle(child, time.monotonic()))
