@@ -16,9 +16,9 @@ from typing import Any, Literal, Protocol
 
 from soma.log import wire_logger
 from soma.wire.errors import WireError
-from soma.wire.messages import Record
+from soma.wire.messages import FitMode, Record
 
-__all__ = ["FieldCodec", "record_from_map", "record_to_map", "wire_fields"]
+__all__ = ["FieldCodec", "mode_from_map", "record_from_map", "record_to_map", "wire_fields"]
 
 
 class FieldCodec(Protocol):
@@ -110,6 +110,15 @@ def record_from_map(cls: type[Record], data: Any, codec: FieldCodec, path: str =
     if unknown:
         wire_logger.debug("ignoring unknown keys %s in %s", unknown, path or cls.__name__)
     return cls(**kwargs)
+
+
+def mode_from_map(raw: Any, codec: FieldCodec, path: str) -> Any:
+    """A plan's ``mode``, the same in both dialects: ``"Forward"`` or ``{"Fit": {...}}``."""
+    if raw == "Forward":
+        return "Forward"
+    if isinstance(raw, dict) and set(raw) == {"Fit"}:
+        return record_from_map(FitMode, raw["Fit"], codec, f"{path}.Fit")
+    raise WireError("bad_message", f'{path}: expected "Forward" or {{"Fit": ...}}')
 
 
 def _conform(raw: Any, hint: Any, codec: FieldCodec, path: str) -> Any:

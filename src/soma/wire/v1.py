@@ -31,7 +31,6 @@ from soma.wire.messages import (
     V1_MESSAGES,
     CachedRef,
     ErrorInfo,
-    FitMode,
     InlineRef,
     LocalRef,
     PlanFailure,
@@ -44,7 +43,7 @@ from soma.wire.messages import (
     ZarrRef,
     validate_plan,
 )
-from soma.wire.schema import record_from_map, record_to_map, wire_fields
+from soma.wire.schema import mode_from_map, record_from_map, record_to_map, wire_fields
 
 __all__ = [
     "PICKLE_MAGIC",
@@ -551,11 +550,7 @@ class _V1Fields:
             case "plan":
                 return plan_from_v1(raw, positional=self.positional)
             case "mode":
-                if raw == "Forward":
-                    return "Forward"
-                if isinstance(raw, dict) and set(raw) == {"Fit"}:
-                    return record_from_map(FitMode, raw["Fit"], self, f"{path}.Fit")
-                raise WireError("bad_message", f'{path}: expected "Forward" or {{"Fit": ...}}')
+                return mode_from_map(raw, self, path)
             case "result":
                 return _result_in(raw, self, path)
             case "pickle":

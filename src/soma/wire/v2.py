@@ -40,7 +40,6 @@ from soma.wire.messages import (
     V2_MESSAGES,
     WIRE_VERSION,
     AssignPlan,
-    FitMode,
     PlanFailure,
     PlanSuccess,
     Record,
@@ -51,7 +50,7 @@ from soma.wire.messages import (
     validate_plan,
     version_refusal,
 )
-from soma.wire.schema import record_from_map, record_to_map
+from soma.wire.schema import mode_from_map, record_from_map, record_to_map
 
 __all__ = [
     "ALIGNMENT",
@@ -260,11 +259,7 @@ class _V2Fields:
             case "plan":
                 return validate_plan(raw, path)
             case "mode":
-                if raw == "Forward":
-                    return "Forward"
-                if isinstance(raw, dict) and set(raw) == {"Fit"}:
-                    return record_from_map(FitMode, raw["Fit"], self, f"{path}.Fit")
-                raise WireError("bad_message", f'{path}: expected "Forward" or {{"Fit": ...}}')
+                return mode_from_map(raw, self, path)
             case "result":
                 if isinstance(raw, dict):
                     cls = {"Success": PlanSuccess, "Failed": PlanFailure}.get(raw.get("status"))  # type: ignore[arg-type]
