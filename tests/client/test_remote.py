@@ -251,3 +251,32 @@ def test_a_crashing_child_is_a_child_error_naming_the_worker(worker: Worker, wor
         graph.fit(1)
     assert info.value.where == worker.address and info.value.code == "child_crashed"
     assert info.value.node_id == "crashes"
+
+
+def test_the_worker_streams_events_only_to_a_graph_that_listens(
+    worker: Worker, worker_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from soma.client import remote
+
+    relayed: list[str] = []
+    relay_call = remote._EventRelay.__call__
+
+    def spy(self: Any, frame: Any) -> None:
+        relayed.append(type(frame).__name__)
+        relay_call(self, frame)
+
+    monkeypatch.setattr(remote._EventRelay, "__call__", spy)
+    quiet = remote_graph(worker, worker_token, cache=False)
+    quiet.node("offset", rf.Offset(amount=1.0))
+    quiet.fit([1.0, 2.0])
+    assert relayed == []  # nobody listens: the worker sends the reply alone
+    listening = remote_graph(worker, worker_token, cache=False)
+    listening.node("offset", rf.Offset(amount=1.0))
+    events = record(listening)
+    listening.fit([1.0, 2.0])
+    assert relayed and set(relayed) == {"Event"}
+    assert [(e["event_type"], e["worker"]) for e in events if e["event_type"].startswith("Node")] == [
+        ("NodeStarted", worker.address),
+        ("NodeCompleted", worker.address),
+    ]
+    assert quiet.get_state("offset") == listening.get_state("offset")

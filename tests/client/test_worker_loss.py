@@ -98,3 +98,28 @@ def test_an_unreachable_worker_fails_fast(free_port: int) -> None:
     assert time.monotonic() - start < 12
     assert "cannot reach worker" in str(info.value)
     assert not graph.fitted
+
+
+def test_a_worker_killed_mid_plan_names_the_node_to_a_graph_without_listeners(
+    worker_process: subprocess.Popen[bytes],
+) -> None:
+    graph = Graph()
+    graph.add_worker(f"127.0.0.1:{worker_process.port}")  # type: ignore[attr-defined]
+    graph.node("sleepy", rf.Sleeps(seconds=60))
+    grandchildren: list[psutil.Process] = []
+
+    def kill_when_running() -> None:
+        time.sleep(1.5)  # the plan is on its (prewarmed) child well before
+        grandchildren.extend(psutil.Process(worker_process.pid).children(recursive=True))
+        os.kill(worker_process.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_running, daemon=True)
+    killer.start()
+    with pytest.raises(RemoteError) as info:
+        graph.fit(1)
+    assert info.value.code == "worker_lost" and info.value.node_id == "sleepy"
+    killer.join(5)
+    _, alive = psutil.wait_procs(grandchildren, timeout=10)
+    for proc in alive:
+        proc.kill()
+    assert not alive

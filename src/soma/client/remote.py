@@ -149,9 +149,11 @@ class WorkerRunner:
         except SomaError as exc:
             error_type = exc.type_name if isinstance(exc, FilterError) else type(exc).__name__
             open_nodes = relay.fail_open(str(exc), error_type, request.run_id)
-            # A lost worker names no node; the one it was running is the one that failed.
-            if isinstance(exc, RemoteError | ChildError) and exc.node_id is None and len(open_nodes) == 1:
-                exc.node_id = open_nodes[0]
+            # A lost worker names no node; the one it was running is the one that failed
+            # (without events, only a block of one node says which).
+            running = open_nodes if request.events else list(request.nodes)
+            if isinstance(exc, RemoteError | ChildError) and exc.node_id is None and len(running) == 1:
+                exc.node_id = running[0]
             raise
         relay.complete_unreported(request.nodes, request.run_id)
         return dataclasses.replace(result, cache_hits=relay.cache_hits)
@@ -217,7 +219,7 @@ class WorkerRunner:
             outputs=list(request.outputs),
             requirements=sorted(requirements),
             resources=_resources(self._nodes[nid].filter for nid in request.nodes),
-            events={"enabled": True, "logs": False},
+            events={"enabled": request.events, "logs": False},
         )
 
     # -- the reply --------------------------------------------------------------------------

@@ -527,6 +527,7 @@ class Run:
             outputs=needed,
             seed=self.seed,
             timeout=self.timeout,
+            events=self.hub.active,
         )
         result = self._remotes[step.target].run_block(request, self.hub.emit)
         self.outputs.update(result.outputs)

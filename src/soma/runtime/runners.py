@@ -173,6 +173,8 @@ class BlockRequest:
     outputs: tuple[str, ...]
     seed: int | None
     timeout: float | None
+    #: Whether anyone listens to the run's events: if not, the worker need not stream them.
+    events: bool = True
 
 
 @dataclass(frozen=True)
