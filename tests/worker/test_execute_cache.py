@@ -169,3 +169,41 @@ async def test_cache_lookups_and_plan_durations_reach_the_metrics(tmp_path: Path
     sample = metrics.registry.get_sample_value
     assert sample("soma_worker_cache_misses_total") == 1 and sample("soma_worker_cache_hits_total") == 1
     assert sample("soma_worker_plan_seconds_count") == 2
+
+
+async def test_a_plan_the_cache_serves_whole_takes_no_child(tmp_path: Path) -> None:
+    async with rig(tmp_path, pool_options={"max_tasks": 1}) as r:
+        msg = plan(
+            chain("s"),
+            [filt("s", F.Scaler(), trainable=True, fit_key=K1, out_key=K2)],
+            input=[1.0, 3.0],
+            mode=fit_mode(),
+        )
+        first = success(await r.run(msg))
+        before = r.pool.stats()
+        assert before.spawned == 1 and before.kills.get("max_tasks") == 1  # each checkout retires its child
+        view = _client_view(await r.run(msg))
+        assert view.states == first.states and view.output == [-1.0, 1.0]
+        after = r.pool.stats()
+        assert after.spawned == 1 and after.kills.get("max_tasks") == 1 and after.busy == 0
+
+
+async def test_a_plan_the_cache_was_to_serve_takes_a_child_when_an_entry_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The memory tier can drop an entry between the check and the lookup: the node then runs after all.
+    import soma.worker.execute
+
+    monkeypatch.setattr(soma.worker.execute, "served_by_cache", lambda spec, cache: True)
+    async with rig(tmp_path) as r:
+        conn = RecordingConnection()
+        msg = plan(
+            chain("s", "d"),
+            [filt("s", F.Scaler(), trainable=True, fit_key=K3, out_key=K4), filt("d", F.Doubler())],
+            input=[1.0, 3.0],
+            mode=fit_mode(),
+        )
+        result = success(await r.run(msg, conn))
+        assert result.states == {"s": {"mean": 2.0}} and result.output == [-2.0, 2.0]
+        assert [e["event_type"] for e in conn.events()] == ["NodeStarted", "NodeCompleted"] * 2
+        assert r.pool.stats().spawned == 1

@@ -78,6 +78,11 @@ class BlobCache:
             self._remember(key, blob, None)
         return BlobHit(blob, "disk", _elapsed_ms(start))
 
+    def holds(self, key: str) -> bool:
+        """Whether the memory tier has ``key`` now (no disk access, not counted as a lookup)."""
+        with self._lock:
+            return key in self._memory
+
     def put(self, key: str, blob: bytes, *, kind: str, node_id: str | None, summary: str | None = None) -> None:
         """Store ``blob`` under ``key`` in every tier; ``kind`` is ``state`` or ``output``.
 

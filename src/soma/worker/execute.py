@@ -69,7 +69,7 @@ from soma.worker.sessions import Session, Sessions, filter_digest
 from soma.worker.slots import GpuLease, GpuLeases, Permit, ResourceBusy, Slots
 from soma.worker.store import Store
 from soma.worker.validate import PlanSpec, Refusal, validate_plan
-from soma.worker.walk import PlanWalk, event
+from soma.worker.walk import PlanWalk, event, served_by_cache
 
 __all__ = ["Peer", "PlanExecutor"]
 
@@ -396,6 +396,8 @@ class _PlanRun:
         self._deadline = math.inf
         self._started = received
         self.child: Child | None = None
+        self._child_spec: ChildSpec | None = None
+        self._checked_out = False
         self._pins = Pins(executor._store)
         self._input: Any = None
         self._y: Any = None
@@ -491,25 +493,22 @@ class _PlanRun:
         self._deadline = self._started + self.spec.budget
 
     async def _run_pooled(self, lease: GpuLease | None) -> tuple[Reply, Child | None]:
-        """Run on a pooled child; returns the reply and the child if it stays pinned as a session."""
+        """Run on a pooled child; returns the reply and the child if it stays pinned as a session.
+
+        A plan whose every node the worker's cache serves needs no child: it takes one only
+        if a node turns out to need one after all (an entry evicted meanwhile).
+        """
         ex = self._ex
         resources = self.spec.resources
         devices = lease.devices if lease is not None else (() if resources.gpus == 0 else None)
-        child_spec = ex.child_spec(threads=resources.threads, gpus=devices, memory=resources.memory)
-        entered = False
+        self._child_spec = ex.child_spec(threads=resources.threads, gpus=devices, memory=resources.memory)
         pinned: Child | None = None
         try:
             try:
                 await self._resolve_references()
                 self._check_cancel()
-                if self.spec.order:
-                    self.child = await ex._checkout(child_spec)
-                    entered = True
-                    if self.cancel_reason is not None:
-                        self.child.kill("cancelled", detail=self.cancel_reason)
-                    self._check_cancel()
-                    self._attach_child()
-                    await self._load()
+                if self.spec.order and (self.spec.keep or not served_by_cache(self.spec, ex._cache)):
+                    await self._take_child()
                 reply = await self._walk_and_reply()
                 if self.spec.keep and self.child is not None and self.child.alive:
                     ex._pool.pin(self.child)
@@ -533,11 +532,22 @@ class _PlanRun:
             return reply, pinned
         finally:
             self._pins.release()
-            if entered:
+            if self._checked_out:
                 assert self.child is not None
                 self._detach_child()
-                await ex._give_back(child_spec.pool_key, self.child)
+                await ex._give_back(self._child_spec.pool_key, self.child)
             self._observe()
+
+    async def _take_child(self) -> None:
+        """Check a child out of the pool and LOAD the plan's filters into it."""
+        assert self._child_spec is not None
+        self.child = await self._ex._checkout(self._child_spec)
+        self._checked_out = True
+        if self.cancel_reason is not None:
+            self.child.kill("cancelled", detail=self.cancel_reason)
+        self._check_cancel()
+        self._attach_child()
+        await self._load()
 
     async def _execute_in_session(self, session: Session) -> Reply:
         if session.ended or not session.child.alive:
@@ -631,6 +641,11 @@ class _PlanRun:
     async def _call(self, cmd: str, node: str | None, **fields: Any) -> dict[str, Any]:
         """One child command within the plan's budget; ``node`` names the node it runs for."""
         self._check_cancel()
+        if self.child is None:  # a plan the cache was to serve whole needs its child after all
+            try:
+                await self._take_child()
+            except ChildFailure as failure:
+                raise Failed(self._child_failure(failure, node)) from None
         child = self.child
         assert child is not None
         remaining = self._deadline - time.monotonic()

@@ -26,7 +26,7 @@ from soma.worker.blobcache import BlobCache, BlobHit
 from soma.worker.failures import Failed
 from soma.worker.validate import PlanSpec
 
-__all__ = ["PlanWalk", "event"]
+__all__ = ["PlanWalk", "event", "served_by_cache"]
 
 
 def _holds_markers(value: Any) -> bool:
@@ -38,6 +38,34 @@ def _holds_markers(value: Any) -> bool:
     if isinstance(value, list | tuple):
         return any(_holds_markers(item) for item in value)
     return False
+
+
+def served_by_cache(spec: PlanSpec, cache: BlobCache) -> bool:
+    """Whether the memory cache holds every state and output the plan would compute (so it needs no child).
+
+    Mirrors ``PlanWalk._compute``: a trainable node in fit needs its state entry, every node its
+    output entry; composite units always run.
+    """
+    if not spec.cached:
+        return False
+    for unit in spec.units:
+        if unit.composite and spec.one_command_composites:
+            return False
+        for node_id in unit.node_ids:
+            fit_key, out_key = _cache_keys(spec, spec.filters[node_id], unit.cached_key)
+            if spec.fit and spec.filters[node_id].trainable and (fit_key is None or not cache.holds(fit_key)):
+                return False
+            if out_key is None or not cache.holds(out_key):
+                return False
+    return True
+
+
+def _cache_keys(spec: PlanSpec, f: SerializedFilter, cached_key: str | None) -> tuple[str | None, str | None]:
+    """The state and output keys a node is cached under (none when the plan or filter is not cached)."""
+    if not (spec.cached and f.cacheable):
+        return None, None
+    out_key = None if f.differentiable else (cached_key or f.out_key)
+    return f.fit_key, out_key
 
 
 def event(event_type: str, run_id: str, phase: str, **fields: Any) -> dict[str, Any]:
@@ -105,12 +133,6 @@ class PlanWalk:
     def _value_of(self, node_id: str) -> Any:
         return self.values[node_id] if node_id in self.values else self._external[node_id]
 
-    def _keys(self, f: SerializedFilter, cached_key: str | None) -> tuple[str | None, str | None]:
-        if not (self.spec.cached and f.cacheable):
-            return None, None
-        out_key = None if f.differentiable else (cached_key or f.out_key)
-        return f.fit_key, out_key
-
     async def _lookup(self, node_id: str, key: str, what: str) -> BlobHit | None:
         cache = self._cache
         hit = cache.get(key) if cache.disk is None else await self._blocking(cache.get, key)
@@ -155,7 +177,7 @@ class PlanWalk:
     async def _compute(self, node_id: str, f: SerializedFilter, cached_key: str | None) -> bool:
         """Produce the node's output (and state, in fit); return whether no user method ran."""
         x = self._input_of(node_id)
-        fit_key, out_key = self._keys(f, cached_key)
+        fit_key, out_key = _cache_keys(self.spec, f, cached_key)
         give_back = "value" if node_id in self._want_value else "handle"
         state_field: dict[str, Any] = {}
         no_user_code = True
