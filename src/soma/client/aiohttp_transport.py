@@ -156,13 +156,20 @@ class AiohttpTransport:
             self._session = None
 
 
-async def _read_body(response: Any) -> bytes | bytearray:
-    """The body; a large one is read straight into one writable buffer (arrays decode without a copy)."""
+async def _read_body(response: Any) -> bytes | memoryview:
+    """The body; a large one is read straight into one writable buffer (arrays decode without a copy).
+
+    The buffer is a numpy allocation: numpy asks the kernel for huge pages, so the first
+    touch of a 100 MB body faults a few dozen pages instead of 25,000.
+    """
     length = response.content_length
-    if length is None or length < _LARGE_BODY:
+    if response.method == "HEAD":
+        return b""
+    if length is None or length < _LARGE_BODY or response.status != 200:
         return bytes(await response.read())
-    body = bytearray(length)
-    view = memoryview(body)
+    import numpy as np
+
+    view = np.empty(length, dtype=np.uint8).data
     position = 0
     async for chunk in response.content.iter_any():
         end = position + len(chunk)
@@ -174,7 +181,7 @@ async def _read_body(response: Any) -> bytes | bytearray:
         raise RemoteError(
             f"{response.url} ended after {position} of {length} bytes", code="worker_lost", retryable=True
         )
-    return body
+    return view
 
 
 async def _stream(parts: Sequence[bytes | memoryview]) -> AsyncIterator[bytes | memoryview]:

@@ -22,6 +22,7 @@ a fake worker in its place.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import json
@@ -29,6 +30,8 @@ import urllib.parse
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
+
+import xxhash
 
 from soma.client.addresses import http_base, ws_base
 from soma.client.aiohttp_transport import AiohttpTransport
@@ -65,6 +68,10 @@ SUBPROTOCOL = "soma.v2"
 V2_CONTENT_TYPE = "application/vnd.soma.v2"
 
 FrameCallback = Callable[[Reply], object]
+_REMEMBERED_UPLOADS = 256
+"""How many uploaded frames a client remembers, to reuse their references (``upload_frame``)."""
+_HASH_OFF_LOOP = 4 << 20
+"""Frames at least this large are digested on a thread, not on the client's event loop."""
 _NON_TERMINAL = (Event, JobProgress)
 
 
@@ -108,6 +115,8 @@ class AsyncRemoteClient:
         self._send_lock = asyncio.Lock()
         self._last_frame = 0.0
         self._background: set[asyncio.Task[None]] = set()
+        # Frames uploaded lately, by digest, with the worker's reference (see upload_frame).
+        self._uploads: collections.OrderedDict[bytes, CachedRef] = collections.OrderedDict()
 
     def __repr__(self) -> str:
         return f"AsyncRemoteClient({self.address!r}, state={self.state.value})"
@@ -377,8 +386,19 @@ class AsyncRemoteClient:
         """Store one encoded value frame on the worker; returns its reference.
 
         ``frame`` is ``v2.encode_value_frame(value)`` or its parts
-        (``v2.encode_value_frame_parts``), which are streamed without being joined.
+        (``v2.encode_value_frame_parts``), which are streamed without being joined. A frame
+        this client uploaded lately is not sent again while the worker still holds it
+        (``HEAD /download`` says so): runs repeated on the same data upload it once.
         """
+        parts: list[bytes | memoryview] = [frame] if isinstance(frame, bytes) else list(frame)
+        size = sum(memoryview(part).nbytes for part in parts)
+        digest = await asyncio.to_thread(_digest, parts) if size >= _HASH_OFF_LOOP else _digest(parts)
+        known = self._uploads.get(digest)
+        if known is not None:
+            if await self._holds(known):
+                self._uploads.move_to_end(digest)
+                return known
+            del self._uploads[digest]
         response = await self._transport.request(
             "POST",
             f"{self._http}/upload",
@@ -389,10 +409,27 @@ class AsyncRemoteClient:
         if response.status != 200:
             raise _http_error(response, f"upload to {self._http}")
         try:
-            document = json.loads(response.body)
-            return CachedRef(cache_key=document["cache_key"], size=document.get("size"))
+            document = json.loads(bytes(response.body))
+            ref = CachedRef(cache_key=document["cache_key"], size=document.get("size"))
         except (ValueError, KeyError, TypeError) as exc:
-            raise ProtocolError(f"worker {self._http} answered an upload with {response.body[:200]!r}") from exc
+            raise ProtocolError(
+                f"worker {self._http} answered an upload with {bytes(response.body[:200])!r}"
+            ) from exc
+        self._uploads[digest] = ref
+        while len(self._uploads) > _REMEMBERED_UPLOADS:
+            self._uploads.popitem(last=False)
+        return ref
+
+    async def _holds(self, ref: CachedRef) -> bool:
+        """Whether the worker still stores ``ref`` (it may have swept it, or restarted)."""
+        query = urllib.parse.urlencode({"ref": _ref_json(ref)})
+        response = await self._transport.request(
+            "HEAD",
+            f"{self._http}/download?{query}",
+            headers={**self._headers(), "Accept": V2_CONTENT_TYPE},
+            timeout=self.timeout,
+        )
+        return response.status == 200
 
     async def upload(self, value: Any) -> CachedRef:
         """Store ``value`` on the worker (one v2 value frame); returns its reference."""
@@ -426,7 +463,7 @@ class AsyncRemoteClient:
         if response.status != 200:
             raise _http_error(response, f"GET {self._http}/info")
         try:
-            document = json.loads(response.body)
+            document = json.loads(bytes(response.body))
         except ValueError as exc:
             raise ProtocolError(f"{self._http}/info is not JSON") from exc
         if not isinstance(document, dict):
@@ -450,9 +487,9 @@ class AsyncRemoteClient:
 
 
 def _http_error(response: HttpResponse, what: str) -> RemoteError:
-    code, message = "internal", response.body[:300].decode("utf-8", "replace")
+    code, message = "internal", bytes(response.body[:300]).decode("utf-8", "replace")
     try:
-        document = json.loads(response.body)
+        document = json.loads(bytes(response.body))
         if isinstance(document, dict):
             code = str(document.get("error") or code)
             message = str(document.get("message") or message)
@@ -464,6 +501,16 @@ def _http_error(response: HttpResponse, what: str) -> RemoteError:
         code = "unresolved_reference"
     retryable = ERROR_CODES.get(code, ("", False))[1]
     return RemoteError(f"{what} failed (HTTP {response.status}): {message}", code=code, retryable=retryable)
+
+
+def _digest(parts: list[bytes | memoryview]) -> bytes:
+    """XXH3-128 of a frame's bytes and its length: which frames were uploaded already."""
+    hasher = xxhash.xxh3_128()
+    size = 0
+    for part in parts:
+        hasher.update(part)
+        size += memoryview(part).nbytes
+    return hasher.digest() + size.to_bytes(8, "little")
 
 
 def _ref_json(ref: CachedRef | LocalRef) -> str:

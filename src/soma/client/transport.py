@@ -49,7 +49,7 @@ class HttpResponse:
 
     status: int
     content_type: str
-    body: bytes | bytearray
+    body: bytes | bytearray | memoryview
 
 
 class Transport(Protocol):

@@ -330,48 +330,75 @@ def measure_value_frame(value: Any) -> tuple[int, list[Part]]:
     """``(encoded_size(value), encode_value_frame_parts(value))``, packing ``value`` once.
 
     Deciding between inline and upload needs the size, and the upload needs the frame:
-    packing a large list twice would double the cost of sending it.
+    packing a large list twice would double the cost of sending it. The packed value
+    stays one part of its own, so a large one is never copied into the frame's head.
     """
     encoder = _Encoder()
     packed = encoder.pack(value)
     size = len(packed) + sum(view.nbytes for view in encoder.buffers)
     pairs = b"".join(encoder.pack(key) + encoder.pack(item) for key, item in _VALUE_HEAD) + encoder.pack("value")
-    return size, _framed(len(_VALUE_HEAD) + 1, pairs + packed, encoder.buffers)
+    return size, _framed(len(_VALUE_HEAD) + 1, [pairs, packed], encoder.buffers)
 
 
 _VALUE_HEAD = (("v", WIRE_VERSION), ("type", "Value"))
+_JOIN_BELOW = 64 << 10
+"""Envelope chunks shorter than this are joined into their neighbours; longer ones stay parts."""
 
 
 def _assemble(envelope: dict[str, Any]) -> list[Part]:
     encoder = _Encoder()
-    pairs = b"".join(encoder.pack(key) + encoder.pack(value) for key, value in envelope.items())
+    pairs = [encoder.pack(key) + encoder.pack(value) for key, value in envelope.items()]
     return _framed(len(envelope), pairs, encoder.buffers)
 
 
-def _framed(count: int, pairs: bytes, buffers: list[memoryview]) -> list[Part]:
-    """The frame of an envelope of ``count`` packed ``pairs`` whose values point into ``buffers``."""
+def _framed(count: int, pairs: list[bytes], buffers: list[memoryview]) -> list[Part]:
+    """The frame of an envelope of ``count`` packed ``pairs`` whose values point into ``buffers``.
+
+    ``pairs`` are packed key/value chunks in order; a long one (a list of a million floats)
+    becomes a part of its own instead of being copied into the header chunk.
+    """
     if not buffers:
-        packed = msgpack.Packer().pack_map_header(count) + pairs
-        return [_HEADER.pack(MAGIC, WIRE_VERSION, 0, 0, len(packed)) + packed]
-    prefix = msgpack.Packer().pack_map_header(count + 1) + pairs + msgpack.packb("buffers")
-    start = _align(_HEADER.size + len(prefix) + 16)
+        envelope = [msgpack.Packer().pack_map_header(count), *pairs]
+        length = sum(len(chunk) for chunk in envelope)
+        return _coalesced([_HEADER.pack(MAGIC, WIRE_VERSION, 0, 0, length), *envelope])
+    prefix = [msgpack.Packer().pack_map_header(count + 1), *pairs, msgpack.packb("buffers")]
+    prefix_length = sum(len(chunk) for chunk in prefix)
+    start = _align(_HEADER.size + prefix_length + 16)
     while True:  # the offsets' encoded width feeds back into where the first buffer starts
         offsets, position = [], start
         for view in buffers:
             offsets.append([position, view.nbytes])
             position = _align(position + view.nbytes)
-        packed = prefix + msgpack.packb(offsets)
-        needed = _align(_HEADER.size + len(packed))
+        table = msgpack.packb(offsets)
+        needed = _align(_HEADER.size + prefix_length + len(table))
         if needed <= start:
             break
         start = needed
-    head = _HEADER.pack(MAGIC, WIRE_VERSION, 0, 0, len(packed)) + packed
-    parts: list[Part] = [head + bytes(start - len(head))]
-    for i, ((offset, length), view) in enumerate(zip(offsets, buffers, strict=True)):
+    length = prefix_length + len(table)
+    padding = bytes(start - _HEADER.size - length)
+    parts: list[Part] = _coalesced([_HEADER.pack(MAGIC, WIRE_VERSION, 0, 0, length), *prefix, table, padding])
+    for i, ((offset, size), view) in enumerate(zip(offsets, buffers, strict=True)):
         parts.append(view)
-        padding = _align(offset + length) - (offset + length)
-        if padding and i < len(buffers) - 1:
-            parts.append(bytes(padding))
+        padding_after = _align(offset + size) - (offset + size)
+        if padding_after and i < len(buffers) - 1:
+            parts.append(bytes(padding_after))
+    return parts
+
+
+def _coalesced(chunks: list[bytes]) -> list[Part]:
+    """``chunks`` with runs of short ones joined; long ones are kept as they are (no copy)."""
+    parts: list[Part] = []
+    run: list[bytes] = []
+    for chunk in chunks:
+        if len(chunk) < _JOIN_BELOW:
+            run.append(chunk)
+            continue
+        if run:
+            parts.append(b"".join(run))
+            run = []
+        parts.append(chunk)
+    if run:
+        parts.append(b"".join(run))
     return parts
 
 
