@@ -1,16 +1,16 @@
 """Soma: filters composed into graphs, run locally with a content-addressed cache or on workers.
 
-Only stdlib-only modules are imported eagerly (worker children import ``soma``
-without its dependencies); every other export is resolved lazily on first access.
+Only small stdlib-only modules are imported eagerly (worker children import ``soma``
+without its dependencies, and ``soma-worker`` imports it on its way to serving); every
+other export is resolved lazily on first access.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from soma import search as _search_module
-from soma.chain import Chain, Fork
 from soma.context import current_seed
 from soma.errors import (
     CacheError,
@@ -33,13 +33,19 @@ from soma.errors import (
     TrialPruned,
     WorkerUnavailableError,
 )
-from soma.filter import Filter
+
+if TYPE_CHECKING:
+    from soma.chain import Chain, Fork
+    from soma.filter import Filter
 
 # Importing the submodule bound ``soma.search`` to the module; the package attribute
 # is the function, while ``import soma.search`` still finds the module for pickles.
 search = _search_module.search
 
 _LAZY: dict[str, tuple[str, str]] = {
+    "Filter": ("soma.filter", "Filter"),
+    "Chain": ("soma.chain", "Chain"),
+    "Fork": ("soma.chain", "Fork"),
     "Graph": ("soma.graph", "Graph"),
     "Cache": ("soma.runtime.cache", "Cache"),
     "Lab": ("soma.lab", "Lab"),
@@ -48,14 +54,11 @@ _LAZY: dict[str, tuple[str, str]] = {
 
 __all__ = [
     "CacheError",
-    "Chain",
     "ChildError",
     "ChildTimeoutError",
     "CompileError",
     "CycleError",
-    "Filter",
     "FilterError",
-    "Fork",
     "GraphError",
     "NodeNotFoundError",
     "NotFittedError",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeAlias
 
@@ -136,8 +137,9 @@ ERROR_CODES: dict[str, tuple[str, bool]] = {
 #: Retryable codes that deserve exactly one more try (a fresh child), not a retry loop.
 RETRY_ONCE = frozenset({"child_start_failed", "child_crashed", "child_protocol_error"})
 
-_PLAN_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+# Patterns, compiled (and cached) by ``re`` on first use rather than at import.
+_PLAN_ID = r"[A-Za-z0-9._:-]{1,128}"
+_HEX64 = r"[0-9a-f]{64}"
 
 
 def _field(
@@ -161,10 +163,51 @@ def _field(
 
 
 class Record:
-    """Base of every wire record, so the schema walker can tell records from user values."""
+    """Base of every wire record, so the schema walker can tell records from user values.
+
+    Records are frozen dataclasses declared with ``eq=False, repr=False``: their ``==``, hash
+    and repr are defined here once, with the results the dataclass would generate, because
+    generating them for every class was a third of the time it takes to import this module
+    (which every worker does on its way to answering ``/health``).
+    """
+
+    @reprlib.recursive_repr()
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in _field_names(type(self)).shown)
+        return f"{self.__class__.__qualname__}({shown})"
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        names = _field_names(type(self)).compared
+        return tuple(getattr(self, name) for name in names) == tuple(getattr(other, name) for name in names)
+
+    def __hash__(self) -> int:
+        return hash(tuple(getattr(self, name) for name in _field_names(type(self)).hashed))
 
 
-@dataclass(frozen=True)
+class _FieldNames:
+    """The fields repr, ``==`` and hash use, by each field's ``repr``, ``compare`` and ``hash``."""
+
+    __slots__ = ("compared", "hashed", "shown")
+
+    def __init__(self, fields: tuple[dataclasses.Field[Any], ...]) -> None:
+        self.shown = tuple(f.name for f in fields if f.repr)
+        self.compared = tuple(f.name for f in fields if f.compare)
+        self.hashed = tuple(f.name for f in fields if (f.compare if f.hash is None else f.hash))
+
+
+_FIELD_NAMES: dict[type, _FieldNames] = {}
+
+
+def _field_names(cls: type) -> _FieldNames:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = _FieldNames(dataclasses.fields(cls))
+    return names
+
+
+@dataclass(frozen=True, eq=False, repr=False)
 class GpuInfo(Record):
     """One GPU as advertised in ``Capabilities`` (index and uuid stay in ``/info``)."""
 
@@ -172,7 +215,7 @@ class GpuInfo(Record):
     memory_bytes: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Capabilities(Record):
     """What a worker offers (§3.2); exactly these keys on the wire."""
 
@@ -183,7 +226,7 @@ class Capabilities(Record):
     tags: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class LoadMetrics(Record):
     """A load reading (§5.2): usages are fractions, ``timestamp`` is RFC 3339."""
 
@@ -198,7 +241,7 @@ class LoadMetrics(Record):
     sessions: int | None = _field(optional=True, default=None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class LocalRef(Record):
     """A file in the worker's store or data store."""
 
@@ -206,7 +249,7 @@ class LocalRef(Record):
     path: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class S3Ref(Record):
     """An S3 object (kept for Soma 0.2.43 shapes; workers answer ``unsupported_reference``)."""
 
@@ -216,7 +259,7 @@ class S3Ref(Record):
     region: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class CachedRef(Record):
     """A content-addressed store entry: ``cache_key`` is 64 hex (32 ints on v1)."""
 
@@ -225,7 +268,7 @@ class CachedRef(Record):
     size: int | None = _field(optional=True, only="v2", default=None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class StreamRef(Record):
     """A stream endpoint (kept for Soma 0.2.43 shapes; unsupported as a plan input)."""
 
@@ -234,7 +277,7 @@ class StreamRef(Record):
     format: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class InlineRef(Record):
     """A value carried inside the reference itself."""
 
@@ -242,7 +285,7 @@ class InlineRef(Record):
     value: Any = _field("value", default=None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class ZarrRef(Record):
     """A Zarr array (kept for Soma 0.2.43 shapes; workers answer ``unsupported_reference``)."""
 
@@ -258,7 +301,7 @@ DATA_REFS: dict[str, type[Record]] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class FitMode(Record):
     """``{"Fit": {"y", "batch_size"}}``: fit with labels ``y``, batched when ``batch_size`` is set."""
 
@@ -269,7 +312,7 @@ class FitMode(Record):
 Mode: TypeAlias = Literal["Forward"] | FitMode
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class SerializedFilter(Record):
     """One filter of a plan: its pickle (never unpickled by the worker) and metadata."""
 
@@ -285,7 +328,7 @@ class SerializedFilter(Record):
     out_key: str | None = _field(only="v2", default=None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class SerializedPlan(Record):
     """One plan block (§5.2 v1 fields first, then the §5.6 v2 additions).
 
@@ -316,7 +359,7 @@ class SerializedPlan(Record):
     events: dict[str, Any] | None = _field(optional=True, only="v2", default=None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class ErrorInfo(Record):
     """Why a plan failed (the v2 ``error`` map; v1 keeps ``message``, ``code`` and ``node_id``)."""
 
@@ -329,7 +372,7 @@ class ErrorInfo(Record):
     traceback: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class PlanSuccess(Record):
     """``status: "Success"``: the output (a value or a ``DataRef``) and the new states."""
 
@@ -340,7 +383,7 @@ class PlanSuccess(Record):
     metrics: dict[str, Any] = _field(only="v2", factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class PlanFailure(Record):
     """``status: "Failed"``: one typed error."""
 
@@ -351,7 +394,7 @@ class PlanFailure(Record):
 PlanOutcome: TypeAlias = PlanSuccess | PlanFailure
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class JobFile(Record):
     """One file of a Python job, ``path`` relative to the job directory."""
 
@@ -359,7 +402,7 @@ class JobFile(Record):
     content: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class PythonPipelineJob(Record):
     """A script job (§6.10)."""
 
@@ -377,7 +420,7 @@ class PythonPipelineJob(Record):
 # --------------------------------------------------------------------------- messages
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Request(Record):
     """A client -> worker message; ``id`` correlates v2 replies (``re``)."""
 
@@ -385,7 +428,7 @@ class Request(Record):
     id: str | None = field(default=None, kw_only=True)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Reply(Record):
     """A worker -> client message; ``re`` is the ``id`` of the request it belongs to."""
 
@@ -393,7 +436,7 @@ class Reply(Record):
     re: str | None = field(default=None, kw_only=True)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Hello(Request):
     """First v2 frame; ``v`` is the envelope version the client speaks."""
 
@@ -402,7 +445,7 @@ class Hello(Request):
     v: int = WIRE_VERSION
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class AssignPlan(Request):
     """Run one plan block."""
 
@@ -410,7 +453,7 @@ class AssignPlan(Request):
     plan: SerializedPlan
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class CancelPlan(Request):
     """Cancel a plan, job, stream or session by id."""
 
@@ -418,21 +461,21 @@ class CancelPlan(Request):
     plan_id: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class StatusRequest(Request):
     """Ask for capabilities and load."""
 
     type: ClassVar[Literal["StatusRequest"]] = "StatusRequest"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Ping(Request):
     """Liveness probe, answered by ``Pong``."""
 
     type: ClassVar[Literal["Ping"]] = "Ping"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Shutdown(Request):
     """Ask the worker to drain and stop."""
 
@@ -441,7 +484,7 @@ class Shutdown(Request):
     drain_s: float | None = _field(optional=True, default=None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Registered(Request):
     """A Soma 0.2.43 acknowledgement the worker ignores (v1 only)."""
 
@@ -449,7 +492,7 @@ class Registered(Request):
     worker_id: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class GetState(Request):
     """Read the states of a session's nodes."""
 
@@ -458,7 +501,7 @@ class GetState(Request):
     node_ids: list[str]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class SetState(Request):
     """Replace the states of a session's nodes, in order."""
 
@@ -467,7 +510,7 @@ class SetState(Request):
     states: dict[str, Any] = _field("states")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class GetGradients(Request):
     """Read the gradients of a session's parameter owners."""
 
@@ -476,7 +519,7 @@ class GetGradients(Request):
     node_ids: list[str]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class ApplyGradients(Request):
     """Apply gradients ``{node_id: {param: array}}`` with an optional learning rate."""
 
@@ -486,7 +529,7 @@ class ApplyGradients(Request):
     lr: float | dict[str, float] | None = _field(optional=True, default=None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class AssignPythonJob(Request):
     """Run a script job."""
 
@@ -494,7 +537,7 @@ class AssignPythonJob(Request):
     job: PythonPipelineJob
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class StreamBegin(Request):
     """Open a forward stream over a linear plan block."""
 
@@ -505,7 +548,7 @@ class StreamBegin(Request):
     plan: SerializedPlan
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class ChunkData(Request):
     """One chunk of a stream; ``chunk_index`` counts from 0."""
 
@@ -515,7 +558,7 @@ class ChunkData(Request):
     value: Any = _field("value", default=None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class StreamEnd(Request):
     """Close a stream and flush its barriers."""
 
@@ -523,7 +566,7 @@ class StreamEnd(Request):
     stream_id: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Register(Reply):
     """The v1 status answer (also the body of ``/info``), with ``load`` when asked."""
 
@@ -533,7 +576,7 @@ class Register(Reply):
     load: LoadMetrics | None = _field(optional=True, default=None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Welcome(Reply):
     """The answer to ``Hello``."""
 
@@ -548,7 +591,7 @@ class Welcome(Reply):
     v: int = WIRE_VERSION
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Status(Reply):
     """The v2 answer to ``StatusRequest``; ``running`` and ``sessions`` are counts."""
 
@@ -561,7 +604,7 @@ class Status(Reply):
     sessions: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class PlanResult(Reply):
     """The terminal reply to ``AssignPlan``."""
 
@@ -571,7 +614,7 @@ class PlanResult(Reply):
     result: PlanOutcome = _field("result")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Event(Reply):
     """A live event (api.md §8 dict) of a running plan."""
 
@@ -581,7 +624,7 @@ class Event(Reply):
     event: dict[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class JobProgress(Reply):
     """A job entered a phase (or printed a metrics line); never terminal."""
 
@@ -594,7 +637,7 @@ class JobProgress(Reply):
     metrics: Any = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class JobResult(Reply):
     """The terminal reply to ``AssignPythonJob``."""
 
@@ -607,7 +650,7 @@ class JobResult(Reply):
     duration_ms: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class StateResult(Reply):
     """The answer to ``GetState``."""
 
@@ -617,7 +660,7 @@ class StateResult(Reply):
     states: dict[str, Any] = _field("states")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class GradientsResult(Reply):
     """The answer to ``GetGradients``; ``missing`` lists nodes without gradients."""
 
@@ -628,7 +671,7 @@ class GradientsResult(Reply):
     missing: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class ChunkResult(Reply):
     """The output of one chunk, or ``buffered`` when a barrier kept it."""
 
@@ -639,7 +682,7 @@ class ChunkResult(Reply):
     buffered: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class StreamComplete(Reply):
     """The terminal reply to ``StreamEnd``: the flush result and the chunk count."""
 
@@ -649,7 +692,7 @@ class StreamComplete(Reply):
     chunks: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Heartbeat(Reply):
     """Sent while requests are in flight, so a silent worker can be told from a busy one."""
 
@@ -658,7 +701,7 @@ class Heartbeat(Reply):
     load: LoadMetrics
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Ack(Reply):
     """A plain success answer."""
 
@@ -667,21 +710,21 @@ class Ack(Reply):
     plan_id: str | None = _field(optional=True, default=None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Pong(Reply):
     """The answer to ``Ping``."""
 
     type: ClassVar[Literal["Pong"]] = "Pong"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class ShutdownAck(Reply):
     """The v1 answer to ``Shutdown``."""
 
     type: ClassVar[Literal["ShutdownAck"]] = "ShutdownAck"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Error(Reply):
     """A typed failure; build it with :func:`make_error` so kind and retryable match the code."""
 
@@ -803,7 +846,7 @@ def validate_plan(plan: Any, path: str = "plan") -> dict[str, Any]:
             return {"type": "Execute", "node_id": text("node_id")}
         case "Cached":
             key = text("key")
-            if not _HEX64.fullmatch(key):
+            if not re.fullmatch(_HEX64, key):
                 raise WireError("bad_plan", f"{path}.key: expected 64 lowercase hex digits")
             return {"type": "Cached", "node_id": text("node_id"), "key": key}
         case "Composite":
@@ -858,7 +901,7 @@ def version_refusal(peer: Any, *, side: Literal["worker", "client"] = "worker") 
 
 def check_plan_id(plan_id: str, path: str = "plan.plan_id") -> None:
     """Refuse a v2 plan id outside ``[A-Za-z0-9._:-]{1,128}`` (§5.6) with ``bad_plan``."""
-    if not _PLAN_ID.fullmatch(plan_id):
+    if not re.fullmatch(_PLAN_ID, plan_id):
         raise WireError("bad_plan", f"{path}: {plan_id!r} is not a valid plan id ([A-Za-z0-9._:-]{{1,128}})")
 
 

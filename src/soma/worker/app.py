@@ -2,12 +2,14 @@
 
     detect CPUs, RAM, GPUs ─▶ effective caps ─▶ app setup: store (lock, sweep), memory watch, pool
         ─▶ bind (failure: BindError "cannot bind <host>:<port>: <reason>") ─▶ /health answers
-        ─▶ executor made (its modules load meanwhile) and interpreter probes done (<= 15 s, started
-           with detection) ─▶ summary log ─▶ prewarm
+        ─▶ meanwhile, on threads: the executor's modules load, the interpreter probes run (<= 15 s)
+           and the metrics registry is made ─▶ all done: summary log ─▶ prewarm
         ─▶ serve until SIGINT/SIGTERM, ``stop()`` or an accepted ``Shutdown``
         ─▶ drain: /health 503, new requests ``shutting_down``, running ones get ``drain_s``
         ─▶ connections closed (1001) ─▶ app cleanup (executor, children, watch, store lock)
 
+Whatever the first ``/health`` does not need waits until the worker listens (the time to it is
+``worker_startup_s`` in ``benchmarks/remote.py``); a request that needs it waits for it.
 ``WorkerServer`` runs on whatever event loop calls it; it never exits the process. The CLI
 turns its errors into exit codes, the embedded ``Worker`` into exceptions.
 """
@@ -96,14 +98,45 @@ class WorkerServer:
         dir owned by another worker; nothing is left running after a failure.
         """
         config = self.config
+        bound = asyncio.Event()
         python_envs: asyncio.Future[tuple[str, ...]] | None = None
         if self._detector is not None:
             detected = await asyncio.wait_for(asyncio.to_thread(self._detector, config), timeout=30.0)
         else:
-            # Interpreter probes run programs (slow): they go on while the worker binds, and
-            # whatever reports capabilities waits for them (WorkerState.settled).
-            python_envs = asyncio.ensure_future(asyncio.to_thread(detect_python_envs, python=config.python))
             detected = await asyncio.wait_for(asyncio.to_thread(detect_machine), timeout=30.0)
+            # Interpreter probes run programs (slow, and they take CPU from the startup): they
+            # begin once the worker listens, and whatever reports capabilities waits for them
+            # (WorkerState.settled).
+            python_envs = asyncio.ensure_future(_probe_interpreters(bound, config.python))
+        try:
+            port = await self._listen(detected, python_envs)
+        except BaseException:
+            if python_envs is not None:
+                python_envs.cancel()
+            raise
+        bound.set()
+        assert self.state is not None and self._runner is not None
+        # Made on a thread now that /health answers, rather than by the first request that counts.
+        metrics_ready = asyncio.ensure_future(asyncio.to_thread(self.state.metrics.prepare))
+        try:
+            await self.state.settled()
+            await metrics_ready
+        except BaseException:
+            metrics_ready.cancel()
+            await self._runner.cleanup()
+            self._runner = None
+            raise
+        caps = self.state.effective
+        self.serving = Serving(host=config.host, port=port, worker_id=config.worker_id, summary=caps.summary())
+        self._log_started(self.serving)
+        # §2.3 step 6: children are warm before the worker reports itself ready (it already
+        # answers /health meanwhile); a failure only costs the first plan its spawn time.
+        await self._prewarm()
+        return self.serving
+
+    async def _listen(self, detected: Detected, python_envs: asyncio.Future[tuple[str, ...]] | None) -> int:
+        """Set up the app for ``detected`` and bind; returns the port. Nothing is left running after a failure."""
+        config = self.config
         caps = effective(detected, cpus=config.cpus, memory=config.memory, gpus=config.gpus, tags=config.tags)
         app = build_app(config, effective=caps, on_shutdown=self.request_stop, executor_factory=self._executor_factory)
         self.state = app[STATE]
@@ -129,20 +162,7 @@ class WorkerServer:
             self._runner = None
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise BindError(f"cannot bind {config.host}:{config.port}: {reason}") from exc
-        port = _bound_port(runner, config.port)
-        try:
-            await self.state.settled()
-        except BaseException:
-            await runner.cleanup()
-            self._runner = None
-            raise
-        caps = self.state.effective
-        self.serving = Serving(host=config.host, port=port, worker_id=config.worker_id, summary=caps.summary())
-        self._log_started(self.serving)
-        # §2.3 step 6: children are warm before the worker reports itself ready (it already
-        # answers /health meanwhile); a failure only costs the first plan its spawn time.
-        await self._prewarm()
-        return self.serving
+        return _bound_port(runner, config.port)
 
     def _log_started(self, serving: Serving) -> None:
         config = self.config
@@ -237,6 +257,13 @@ class WorkerServer:
         finally:
             _remove_signal_handlers(installed)
             await self.stop()
+
+
+async def _probe_interpreters(bound: asyncio.Event, python: str) -> tuple[str, ...]:
+    """The interpreter probes (§3.1), begun once ``bound`` is set: they run programs, which would
+    take CPU from the path to the first ``/health``."""
+    await bound.wait()
+    return await asyncio.to_thread(detect_python_envs, python=python)
 
 
 async def _drain_requests(state: WorkerState, drain_s: float) -> None:

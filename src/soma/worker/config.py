@@ -66,10 +66,11 @@ _SIZE_UNITS = {
     **{unit: 1024**4 for unit in ("t", "tb", "tib")},
 }
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_NUMBER_AND_UNIT = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", re.ASCII)
-
-_WORKER_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_WORKER_ID_BAD_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+# Patterns, not compiled ones: ``re`` compiles each on first use (and caches it), so a
+# worker start does not compile the ones its flags never need.
+_NUMBER_AND_UNIT = r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*"
+_WORKER_ID = r"[A-Za-z0-9._-]{1,64}"
+_WORKER_ID_BAD_CHAR = r"[^A-Za-z0-9._-]"
 
 
 # --------------------------------------------------------------------------- values
@@ -88,7 +89,7 @@ def parse_size(text: str | int) -> int:
         if text < 0:
             raise SomaConfigError(f"invalid size {text}: must not be negative")
         return text
-    match = _NUMBER_AND_UNIT.fullmatch(text)
+    match = re.fullmatch(_NUMBER_AND_UNIT, text, re.ASCII)
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _SIZE_UNITS:
         raise SomaConfigError(
@@ -109,7 +110,7 @@ def parse_duration(text: str | float) -> float:
         if not 0 <= text < float("inf"):
             raise SomaConfigError(f"invalid duration {text!r}: must be a finite number >= 0")
         return float(text)
-    match = _NUMBER_AND_UNIT.fullmatch(text)
+    match = re.fullmatch(_NUMBER_AND_UNIT, text, re.ASCII)
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _DURATION_UNITS:
         raise SomaConfigError(
@@ -150,13 +151,13 @@ def sanitize_worker_id(name: str | None = None, *, pid: int | None = None) -> st
     """
     if name is None:
         name = socket.gethostname()
-    cleaned = _WORKER_ID_BAD_CHARS.sub("-", name)[:64]
+    cleaned = re.sub(_WORKER_ID_BAD_CHAR, "-", name)[:64]
     return cleaned or f"worker-{os.getpid() if pid is None else pid}"
 
 
 def validate_worker_id(worker_id: str) -> str:
     """Return ``worker_id`` if it matches ``[A-Za-z0-9._-]{1,64}``, else raise ``SomaConfigError``."""
-    if not isinstance(worker_id, str) or not _WORKER_ID_RE.fullmatch(worker_id):
+    if not isinstance(worker_id, str) or not re.fullmatch(_WORKER_ID, worker_id):
         raise SomaConfigError(
             f"invalid worker id {worker_id!r}: use 1 to 64 characters from A-Z, a-z, 0-9, '.', '_' and '-'"
         )
@@ -228,7 +229,7 @@ def advertise_address(host: str, port: int) -> str:
 # --------------------------------------------------------------------------- the config
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # its own __repr__ masks the tokens
 class WorkerConfig:
     """Every setting of ``soma-worker`` (worker spec §2.1), resolved and validated.
 
@@ -391,6 +392,19 @@ def _version() -> str:
         return "0+unknown"
 
 
+class _PrintVersion(argparse.Action):
+    """``--version``: the version is looked up only when asked, since the lookup scans the
+    installed distributions and every start of the worker builds this parser."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("help", "show program's version number and exit")
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: str | None = None) -> None:
+        sys.stdout.write(f"{parser.prog} {_version()}\n")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``soma-worker`` argument parser (worker spec §2.1).
 
@@ -422,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
         tuning.add_argument(option.flag, metavar=metavars[option.kind], help=option.help)
     tuning.add_argument("--no-uv", dest="use_uv", action="store_false", help="build envs with venv and pip")
     tuning.add_argument("--allow-python-download", action="store_true", help="let uv download missing Pythons")
-    add("--version", action="version", version=f"soma-worker {_version()}")
+    add("--version", action=_PrintVersion)
     return parser
 
 

@@ -10,6 +10,7 @@
     LoadMeter(...).load_metrics(...)      -> the ``LoadMetrics`` dict of heartbeats and status replies
 
 Every probe has a fallback and a time limit, so detection never fails and never hangs.
+psutil is imported where a reading needs it, not at import: the worker binds without it.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from soma.log import worker_logger
 from soma.worker.config import parse_tags
 
@@ -40,6 +39,7 @@ __all__ = [
     "Effective",
     "GpuDevice",
     "LoadMeter",
+    "busy_seconds",
     "detect",
     "detect_cpus",
     "detect_gpus",
@@ -59,6 +59,7 @@ MIB = 1024**2
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
 NVIDIA_SMI_QUERY = ("--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits")
+PROC_STAT = Path("/proc/stat")
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,12 @@ def _physical_ram() -> int:
             return int(pages * page_size)
     except (ValueError, OSError, AttributeError):
         pass
+    return _psutil_ram()
+
+
+def _psutil_ram() -> int:
+    import psutil
+
     return int(psutil.virtual_memory().total)
 
 
@@ -460,7 +467,7 @@ def _probe(
 
         return Detected(
             cpu_cores=result(cpus, lambda: os.cpu_count() or 1),
-            ram_bytes=result(ram, lambda: int(psutil.virtual_memory().total)),
+            ram_bytes=result(ram, _psutil_ram),
             gpus=tuple(result(gpus, list)),
             python_envs=tuple(
                 _merge_pythons(
@@ -547,10 +554,31 @@ def summary(capabilities: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- load
 
 
-def _busy_seconds(times: Any) -> float:
-    # Linux counts guest time inside user/nice as well; subtract it to avoid counting twice.
-    not_busy = ("idle", "iowait", "guest", "guest_nice")
-    return float(sum(times)) - sum(getattr(times, name, 0.0) for name in not_busy)
+# Linux counts guest time inside user/nice as well; it is subtracted to avoid counting it twice.
+_NOT_BUSY = ("idle", "iowait", "guest", "guest_nice")
+# The "cpu" line of /proc/stat: clock ticks in this order (the last ones only on newer kernels).
+_PROC_STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal", "guest", "guest_nice")
+
+
+def busy_seconds(proc_stat: Path = PROC_STAT) -> float:
+    """System-wide busy CPU seconds since boot: all CPU time but idle, iowait and guest time.
+
+    Read from ``/proc/stat``, which is what psutil reads on Linux, so that a ``LoadMeter``
+    made at startup does not import psutil; psutil where procfs is missing (macOS).
+    """
+    try:
+        with proc_stat.open("rb") as stat:
+            ticks = [int(value) for value in stat.readline().split()[1 : len(_PROC_STAT_FIELDS) + 1]]
+        per_second = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        ticks, per_second = [], 0
+    if not ticks or per_second <= 0:
+        import psutil
+
+        times = psutil.cpu_times()
+        return float(sum(times)) - sum(getattr(times, name, 0.0) for name in _NOT_BUSY)
+    busy = sum(count for name, count in zip(_PROC_STAT_FIELDS, ticks, strict=False) if name not in _NOT_BUSY)
+    return busy / per_second
 
 
 @dataclass
@@ -571,12 +599,12 @@ class LoadMeter:
     _last_cpu: float = field(init=False, default=0.0, repr=False)
 
     def __post_init__(self) -> None:
-        self._last_busy = _busy_seconds(psutil.cpu_times())
+        self._last_busy = busy_seconds()
         self._last_time = self.clock()
 
     def cpu_usage(self) -> float:
         """Busy fraction of the effective CPUs since the previous call (0.0–1.0)."""
-        now, busy = self.clock(), _busy_seconds(psutil.cpu_times())
+        now, busy = self.clock(), busy_seconds()
         elapsed = now - self._last_time
         if elapsed >= 0.05:  # shorter windows are noise; keep the previous reading
             self._last_cpu = min(1.0, max(0.0, (busy - self._last_busy) / (elapsed * self.cpu_cores)))
@@ -585,6 +613,8 @@ class LoadMeter:
 
     def memory_usage(self) -> float:
         """RSS of the worker and all its descendants relative to the effective RAM (0.0–1.0)."""
+        import psutil
+
         me = psutil.Process()
         rss = me.memory_info().rss
         for child in me.children(recursive=True):

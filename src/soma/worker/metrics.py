@@ -7,27 +7,30 @@ mirrored: slots, queue and sessions from the executor's ``status()``, children a
 kills from ``Pool.stats()``, store size and deletions from the ``Store``, children's RSS
 from the memory watch's view of the process tree. So a scrape always shows the truth,
 whoever forgot to update a gauge.
+
+prometheus_client and psutil are imported when the metrics are first used, not when the
+worker is made: binding and answering ``/health`` need neither.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
-
-import psutil
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from prometheus_client.registry import Collector
+from typing import TYPE_CHECKING, Any
 
 from soma.isolation.limits import read_rss
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+    from prometheus_client.core import GaugeMetricFamily, Metric
 
 __all__ = ["CHILD_STATES", "CONTENT_TYPE", "KILL_REASONS", "PREFIX", "WorkerMetrics", "kill_reason"]
 
 PREFIX = "soma_worker_"
-CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
-"""The Prometheus text exposition format 0.0.4, what ``/metrics`` answers."""
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The Prometheus text exposition format 0.0.4 (prometheus_client's ``CONTENT_TYPE_PLAIN_0_0_4``),
+what ``/metrics`` answers."""
 
 CHILD_STATES = ("idle", "busy", "pinned")
 KILL_REASONS = ("timeout", "cancel", "memory", "crash", "retire")
@@ -55,47 +58,67 @@ def kill_reason(pool_reason: str) -> str:
 
 StatusSource = Callable[[], Mapping[str, Any]]
 
+# The attributes ``WorkerMetrics.prepare`` sets, all at once (see ``_instruments``).
+_INSTRUMENTS = frozenset(
+    {
+        "registry",
+        "requests",
+        "plan_seconds",
+        "bytes_received",
+        "bytes_sent",
+        "env_builds",
+        "cache_hits",
+        "cache_misses",
+        "auth_failures",
+    }
+)
+
 
 class WorkerMetrics:
     """Every ``soma_worker_*`` metric of one worker, in its own ``CollectorRegistry``.
 
     Update the counters directly (``metrics.requests.labels(type=..., outcome=...).inc()``);
     attach the live sources with ``attach`` so gauges read them at scrape time; ``render``
-    produces the ``/metrics`` body.
+    produces the ``/metrics`` body. The registry and counters are made on first use (or by
+    ``prepare``), so that making a worker does not import prometheus_client.
     """
 
+    registry: CollectorRegistry
+    requests: Counter
+    plan_seconds: Histogram
+    bytes_received: Counter
+    bytes_sent: Counter
+    env_builds: Counter
+    cache_hits: Counter
+    cache_misses: Counter
+    auth_failures: Counter
+
     def __init__(self, *, slots_total: int, memory_limit_bytes: int | None = None) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
         self.slots_total = slots_total
         self.memory_limit_bytes = memory_limit_bytes
-        registry = self.registry
-        self.requests = Counter(
-            f"{PREFIX}requests", "Requests answered, by message type and outcome", ["type", "outcome"],
-            registry=registry,
-        )
-        self.plan_seconds = Histogram(
-            f"{PREFIX}plan_seconds", "Plan duration from slot to reply", buckets=PLAN_BUCKETS, registry=registry
-        )
-        self.bytes_received = Counter(
-            f"{PREFIX}bytes_received", "Bytes received in WebSocket frames and uploads", registry=registry
-        )
-        self.bytes_sent = Counter(
-            f"{PREFIX}bytes_sent", "Bytes sent in WebSocket frames and downloads", registry=registry
-        )
-        self.env_builds = Counter(
-            f"{PREFIX}env_builds", "Environment builds by outcome", ["outcome"], registry=registry
-        )
-        self.cache_hits = Counter(f"{PREFIX}cache_hits", "Worker cache hits", registry=registry)
-        self.cache_misses = Counter(f"{PREFIX}cache_misses", "Worker cache misses", registry=registry)
-        self.auth_failures = Counter(
-            f"{PREFIX}auth_failures", "Requests refused for a missing or wrong token", registry=registry
-        )
-        for outcome in ("success", "failed"):
-            self.env_builds.labels(outcome=outcome)
         self._status: StatusSource | None = None
         self._pool: Any = None
         self._store: Any = None
-        registry.register(_LiveCollector(self))
+        self._preparing = threading.Lock()
+
+    if not TYPE_CHECKING:  # hidden from type checkers, which would let any attribute name pass
+
+        def __getattr__(self, name: str) -> Any:
+            # Only reached before ``prepare``, which sets every instrument as a plain attribute.
+            if name in _INSTRUMENTS:
+                self.prepare()
+                return self.__dict__[name]
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def prepare(self) -> None:
+        """Make the registry and every counter now (idempotent, thread-safe).
+
+        The worker calls it on a thread once it serves, so that no request pays for the import.
+        """
+        with self._preparing:
+            if "registry" in self.__dict__:
+                return
+            self.__dict__.update(_instruments(self))
 
     def attach(self, *, status: StatusSource | None = None, pool: Any = None, store: Any = None) -> None:
         """Give the scrape-time sources: the executor's ``status`` callable, the ``Pool`` and the ``Store``.
@@ -115,6 +138,8 @@ class WorkerMetrics:
 
     def render(self) -> bytes:
         """The ``/metrics`` body (text format 0.0.4). Reads the store and process tree: call it in a thread."""
+        from prometheus_client import generate_latest
+
         return generate_latest(self.registry)
 
     # -- scrape-time readings ------------------------------------------------------------------
@@ -142,8 +167,45 @@ class WorkerMetrics:
         return used, self._store.deleted_total
 
 
+def _instruments(metrics: WorkerMetrics) -> dict[str, Any]:
+    """The registry of ``metrics`` with every counter and the scrape-time collector, by attribute name."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    registry = CollectorRegistry(auto_describe=True)
+    instruments: dict[str, Any] = {
+        "registry": registry,
+        "requests": Counter(
+            f"{PREFIX}requests", "Requests answered, by message type and outcome", ["type", "outcome"],
+            registry=registry,
+        ),
+        "plan_seconds": Histogram(
+            f"{PREFIX}plan_seconds", "Plan duration from slot to reply", buckets=PLAN_BUCKETS, registry=registry
+        ),
+        "bytes_received": Counter(
+            f"{PREFIX}bytes_received", "Bytes received in WebSocket frames and uploads", registry=registry
+        ),
+        "bytes_sent": Counter(
+            f"{PREFIX}bytes_sent", "Bytes sent in WebSocket frames and downloads", registry=registry
+        ),
+        "env_builds": Counter(
+            f"{PREFIX}env_builds", "Environment builds by outcome", ["outcome"], registry=registry
+        ),
+        "cache_hits": Counter(f"{PREFIX}cache_hits", "Worker cache hits", registry=registry),
+        "cache_misses": Counter(f"{PREFIX}cache_misses", "Worker cache misses", registry=registry),
+        "auth_failures": Counter(
+            f"{PREFIX}auth_failures", "Requests refused for a missing or wrong token", registry=registry
+        ),
+    }
+    for outcome in ("success", "failed"):
+        instruments["env_builds"].labels(outcome=outcome)
+    registry.register(_LiveCollector(metrics))
+    return instruments
+
+
 def _children_rss() -> int:
     """RSS of every descendant of this process (children, their process groups, builds)."""
+    import psutil
+
     total = 0
     try:
         descendants = psutil.Process(os.getpid()).children(recursive=True)
@@ -154,7 +216,7 @@ def _children_rss() -> int:
     return total
 
 
-class _LiveCollector(Collector):
+class _LiveCollector:
     """Gauges and counters read from their owners at scrape time."""
 
     def __init__(self, metrics: WorkerMetrics) -> None:
@@ -165,6 +227,8 @@ class _LiveCollector(Collector):
         return iter(())
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         metrics = self._metrics
         status = metrics._status_reading()
         free = int(status.get("free_slots", metrics.slots_total))
@@ -189,4 +253,6 @@ class _LiveCollector(Collector):
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    from prometheus_client.core import GaugeMetricFamily
+
     return GaugeMetricFamily(f"{PREFIX}{name}", documentation, value=value)
