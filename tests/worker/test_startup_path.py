@@ -234,3 +234,8 @@ def test_wire_records_compare_hash_and_print_as_dataclasses_do(cls: type[m.Recor
     assert repr(looped) == repr(looped_twin)
     with pytest.raises(TypeError):
         hash(looped)
+
+
+def test_the_default_inline_threshold_is_the_wire_protocols() -> None:
+    assert worker_config_module.INLINE_THRESHOLD == m.INLINE_THRESHOLD_BYTES
+    assert worker_config_module.config_from_args([], {}).inline_threshold == m.INLINE_THRESHOLD_BYTES

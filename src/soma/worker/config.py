@@ -28,9 +28,9 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from soma.errors import SomaConfigError
-from soma.wire.messages import INLINE_THRESHOLD_BYTES
 
 __all__ = [
+    "INLINE_THRESHOLD",
     "LOG_LEVELS",
     "WEAK_TOKEN_LENGTH",
     "WorkerConfig",
@@ -54,6 +54,10 @@ GIB = 1024**3
 
 WEAK_TOKEN_LENGTH = 16
 """Tokens shorter than this are accepted but logged as weak."""
+
+INLINE_THRESHOLD = 10 * MIB
+"""The default ``--inline-threshold``, ``soma.wire.messages.INLINE_THRESHOLD_BYTES`` (§4.5): restated so
+that reading the worker's flags does not import the wire protocol's message classes."""
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -269,7 +273,7 @@ class WorkerConfig:
     store_max_bytes: int | None = None
     max_upload_bytes: int = 4 * GIB
     max_message_bytes: int = 256 * MIB
-    inline_threshold: int = INLINE_THRESHOLD_BYTES
+    inline_threshold: int = INLINE_THRESHOLD
     cache_bytes: int = 1 * GIB
     cache_dir: Path | None = None
     env_timeout: float = 900.0
