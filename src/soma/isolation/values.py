@@ -6,11 +6,17 @@ the parent may not unpickle to ``Opaque``). Kept apart from the command handlers
 because the local subprocess runner decodes child replies with the same walk, so
 one definition of the channel's values serves both sides. ``reduce_neutral`` lets a
 reply be pickled as it is when it is neutral already, sparing the walk.
+
+Cache blobs are pickles with everything in band (the disk cache's format). ``cache_blob``
+hands one to the channel so that its bytes still cross out of band (the shared-memory ring
+for large ones), and ``blob_array`` reads a blob holding one array without copying its bytes.
 """
 
 from __future__ import annotations
 
 import pickle
+import pickletools
+import struct
 import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -23,7 +29,7 @@ from soma.isolation.markers import Concat, Handle, Opaque, TorchData
 from soma.isolation.tensors import is_ndarray, is_plain_tensor, tensor_from_marker, tensor_to_marker
 from soma.runtime import batching
 
-__all__ = ["NeedsNeutralising", "cache_blob", "materialise", "neutralise", "reduce_neutral"]
+__all__ = ["Blob", "NeedsNeutralising", "blob_array", "cache_blob", "materialise", "neutralise", "reduce_neutral"]
 
 _LEAF_TYPES = frozenset({type(None), bool, int, float, str, bytes})
 
@@ -107,7 +113,24 @@ class NeedsNeutralising(Exception):
     """Raised while pickling a reply that holds an object the parent may not unpickle."""
 
 
-_NATIVE_TYPES = frozenset({complex, bytearray, pickle.PickleBuffer, Opaque, TorchData, Handle, Concat})
+class Blob:
+    """A cache blob on its way to the parent: it unpickles as ``bytes``, rebuilt from an out-of-band buffer.
+
+    A ``bytes`` object is always pickled in band, so a large blob would be copied into the
+    frame's payload and pushed through the pipe; as an out-of-band buffer it crosses the
+    channel's shared-memory ring (or is written from its own memory) like an array.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[type[bytes], tuple[pickle.PickleBuffer]]:
+        return bytes, (pickle.PickleBuffer(self.data),)
+
+
+_NATIVE_TYPES = frozenset({complex, bytearray, pickle.PickleBuffer, Opaque, TorchData, Handle, Concat, Blob})
 
 
 def reduce_neutral(obj: Any) -> Any:
@@ -157,20 +180,108 @@ def _is_plain_dtype(dtype: Any) -> bool:
     return not dtype.hasobject and dtype.type.__module__ == "numpy"
 
 
-def cache_blob(value: Any, node_id: str | None) -> bytes:
+def cache_blob(value: Any, node_id: str | None) -> Blob:
     """``value`` pickled in-band, the disk cache's format (isolation.md §3.4): pickle, else cloudpickle.
 
-    Raises ``CommandError("encoding_error")`` naming ``node_id`` when neither can.
+    Returned as a ``Blob``, which reaches the parent as these ``bytes``. Raises
+    ``CommandError("encoding_error")`` naming ``node_id`` when neither can pickle it.
     """
     try:
-        return pickle.dumps(value, protocol=5)
+        return Blob(pickle.dumps(value, protocol=5))
     except Exception:  # noqa: BLE001 - the cache format falls back to cloudpickle on any pickling failure
         try:
-            blob: bytes = cloudpickle.dumps(value, protocol=5)
-            return blob
+            return Blob(cloudpickle.dumps(value, protocol=5))
         except BaseException as exc:  # pickling runs user code (__reduce__, __getstate__)
             raise CommandError(
                 "encoding_error",
                 f"cannot pickle the {type(value).__name__} from node {node_id!r} into a cache blob: {exc}",
                 node_id=node_id,
             ) from exc
+
+
+_IN_PLACE_BYTES = 1 << 20
+"""Byte strings of a blob at least this long are read in place by ``blob_array``."""
+_MAX_OPCODES = 256
+"""A blob of one array has a few dozen opcodes; one with more holds something else."""
+_OPCODES = {ord(op.code): op for op in pickletools.opcodes}
+_LENGTH_PREFIXES = {
+    pickletools.TAKEN_FROM_ARGUMENT1: struct.Struct("<B"),
+    pickletools.TAKEN_FROM_ARGUMENT4: struct.Struct("<i"),
+    pickletools.TAKEN_FROM_ARGUMENT4U: struct.Struct("<I"),
+    pickletools.TAKEN_FROM_ARGUMENT8U: struct.Struct("<Q"),
+}
+_FRAME_LENGTH = struct.Struct("<Q")
+_BYTE_STRINGS = frozenset({"BINBYTES", "BINBYTES8", "BYTEARRAY8"})
+_NEXT_BUFFER = pickle.NEXT_BUFFER
+_READONLY_BUFFER = pickle.READONLY_BUFFER
+
+
+def blob_array(blob: bytes | memoryview) -> Any:
+    """The numpy array a blob pickles, over the blob's own bytes; ``None`` if it holds anything else.
+
+    ``pickle.loads`` copies an array's bytes out of an in-band pickle (100 MB: a fresh
+    100 MB). Here each long byte string of the blob goes to the unpickler out of band, as
+    a view on ``blob`` (writable where ``blob`` is and the pickle wants a ``bytearray``),
+    and only what ``channel.restricted_loads`` allows may be rebuilt. A result that is not
+    one plain array, or any doubt (text opcodes, a string inside a frame), gives ``None``;
+    the caller then loads the blob as usual.
+    """
+    view = memoryview(blob).cast("B") if memoryview(blob).format != "B" else memoryview(blob)
+    strings = _long_byte_strings(view)
+    if not strings:
+        return None
+    pieces: list[bytes | memoryview] = []
+    buffers: list[memoryview] = []
+    position = 0
+    for start, data, end, name in strings:
+        if name == "BYTEARRAY8" and view.readonly:
+            return None  # the array would come out read-only, where pickle makes it writable
+        pieces += [view[position:start], _NEXT_BUFFER if name == "BYTEARRAY8" else _NEXT_BUFFER + _READONLY_BUFFER]
+        buffers.append(view[data:end])
+        position = end
+    pieces.append(view[position:])
+    try:
+        value = channel.restricted_loads(b"".join(pieces), buffers)
+    except Exception:  # noqa: BLE001 - refused or malformed: the caller loads it the usual way
+        return None
+    return value if is_ndarray(value) and _is_plain_numpy(value) else None
+
+
+def _long_byte_strings(view: memoryview) -> list[tuple[int, int, int, str]] | None:
+    """``(opcode offset, data offset, end, opcode name)`` of each long byte string, scanning opcodes only.
+
+    ``None`` for a pickle that is not worth it (none found, too many opcodes, text opcodes,
+    a long string inside a frame) or malformed.
+    """
+    found: list[tuple[int, int, int, str]] = []
+    position = 0
+    frame_end = 0
+    try:
+        for _ in range(_MAX_OPCODES):
+            start = position
+            op = _OPCODES.get(view[position])
+            if op is None:
+                return None
+            position += 1
+            if op.name == "STOP":
+                return found or None
+            arg = op.arg
+            if arg is None:
+                continue
+            if arg.n >= 0:
+                if op.name == "FRAME":
+                    frame_end = position + arg.n + _FRAME_LENGTH.unpack_from(view, position)[0]
+                position += arg.n
+                continue
+            prefix = _LENGTH_PREFIXES.get(arg.n)
+            if prefix is None:
+                return None
+            data = position + prefix.size
+            position = data + prefix.unpack_from(view, position)[0]
+            if op.name in _BYTE_STRINGS and position - data >= _IN_PLACE_BYTES:
+                if start < frame_end or position > view.nbytes:
+                    return None
+                found.append((start, data, position, op.name))
+    except (IndexError, struct.error):
+        return None
+    return None

@@ -77,6 +77,8 @@ ALIGNMENT = 64
 _HEADER = struct.Struct("<4sBBHI")
 _FRAME_KEYS = frozenset({"v", "type", "id", "re", "buffers"})
 _MAX_ID = 64
+_IN_PLACE_BYTES = 1 << 20
+"""Opaque objects at least this large are tried as a pickled array read in place (client side)."""
 
 EXT_NDARRAY, EXT_TENSOR, EXT_TUPLE, EXT_OPAQUE, EXT_REF, EXT_NPSCALAR = 1, 2, 3, 4, 5, 6
 _ARRAY_KINDS = frozenset("biufcmMSU")
@@ -577,8 +579,15 @@ class _Decoder:
         buffers = [self.buffer(i) for i in oob]
         if self.side == "worker":
             return Opaque(data=bytes(data), buffers=[pickle.PickleBuffer(b) for b in buffers])
+        if not buffers and data.nbytes >= _IN_PLACE_BYTES:
+            from soma.isolation.values import blob_array
+
+            array = blob_array(data)  # a cache hit's array, read where it lies in the frame
+            if array is not None:
+                return array
         try:
-            return pickle.loads(data, buffers=[bytearray(b) for b in buffers])
+            # Writable buffers (a download's) are used in place; a message's are copied to be writable.
+            return pickle.loads(data, buffers=[bytearray(b) if b.readonly else b for b in buffers])
         except Exception as exc:  # unpickling runs the sender's reconstructors; any failure is theirs
             raise WireError(
                 "unpickle_error", f"cannot unpickle a received object: {type(exc).__name__}: {exc}"
