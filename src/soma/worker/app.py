@@ -115,15 +115,18 @@ class WorkerServer:
                 python_envs.cancel()
             raise
         bound.set()
-        assert self.state is not None and self._runner is not None
+        runner = self._runner
+        assert self.state is not None and runner is not None
         # Made on a thread now that /health answers, rather than by the first request that counts.
         metrics_ready = asyncio.ensure_future(asyncio.to_thread(self.state.metrics.prepare))
         try:
             await self.state.settled()
             await metrics_ready
         except BaseException:
-            metrics_ready.cancel()
-            await self._runner.cleanup()
+            for pending in (metrics_ready, python_envs):
+                if pending is not None:
+                    pending.cancel()
+            await runner.cleanup()
             self._runner = None
             raise
         caps = self.state.effective
@@ -135,7 +138,7 @@ class WorkerServer:
         return self.serving
 
     async def _listen(self, detected: Detected, python_envs: asyncio.Future[tuple[str, ...]] | None) -> int:
-        """Set up the app for ``detected`` and bind; returns the port. Nothing is left running after a failure."""
+        """Set up the app for ``detected`` and bind; returns the port. A bind failure undoes the setup."""
         config = self.config
         caps = effective(detected, cpus=config.cpus, memory=config.memory, gpus=config.gpus, tags=config.tags)
         app = build_app(config, effective=caps, on_shutdown=self.request_stop, executor_factory=self._executor_factory)
