@@ -24,8 +24,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import ipaddress
 import itertools
 import json
+import mmap
+import os
+import stat
 import urllib.parse
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -66,6 +70,8 @@ __all__ = ["SUBPROTOCOL", "AsyncRemoteClient", "FrameCallback"]
 
 SUBPROTOCOL = "soma.v2"
 V2_CONTENT_TYPE = "application/vnd.soma.v2"
+V2_PATH_CONTENT_TYPE = "application/vnd.soma.v2.path+json"
+"""A same-host worker's answer to a download: where its stored frame lies (``soma.worker.server``)."""
 
 FrameCallback = Callable[[Reply], object]
 _REMEMBERED_UPLOADS = 256
@@ -106,6 +112,7 @@ class AsyncRemoteClient:
         self.state = ClientState.IDLE
         self.welcome: Welcome | None = None
         self._http = http_base(address)
+        self._same_host = _is_loopback(urllib.parse.urlsplit(self._http).hostname or "")
         self._transport: Transport = transport or AiohttpTransport()
         self._channel: Channel | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -440,22 +447,41 @@ class AsyncRemoteClient:
         return await self.upload_frame(parts)
 
     async def download(self, ref: DataRef) -> Any:
-        """The value a worker stored under ``ref``; raises (never returns ``None``) when it cannot be had."""
+        """The value a worker stored under ``ref``; raises (never returns ``None``) when it cannot be had.
+
+        From a worker on this host (a loopback address) the stored frame is mapped rather than
+        received: the worker names its file, and the client maps it copy-on-write, so a large
+        array costs no copy at all. Where the file cannot be opened here, it is received.
+        """
         if not isinstance(ref, CachedRef | LocalRef):
             raise RemoteError(f"cannot download a {ref.type} reference", code="unsupported_reference")
-        query = urllib.parse.urlencode({"ref": _ref_json(ref)})
-        response = await self._transport.request(
-            "GET",
-            f"{self._http}/download?{query}",
-            headers={**self._headers(), "Accept": V2_CONTENT_TYPE},
-            timeout=self.timeout,
-        )
-        if response.status != 200:
-            raise _http_error(response, f"download of {_ref_json(ref)} from {self._http}")
+        body: bytes | bytearray | memoryview | None = None
+        if self._same_host:
+            response = await self._get_download(ref, f"{V2_PATH_CONTENT_TYPE}, {V2_CONTENT_TYPE};q=0.9")
+            if response.status == 200 and response.content_type == V2_PATH_CONTENT_TYPE:
+                body = _mapped(response.body)
+                if body is None:
+                    client_logger.debug("the frame of %s is not readable here; receiving it", _ref_json(ref))
+                    response = await self._get_download(ref, V2_CONTENT_TYPE)
+        else:
+            response = await self._get_download(ref, V2_CONTENT_TYPE)
+        if body is None:
+            if response.status != 200:
+                raise _http_error(response, f"download of {_ref_json(ref)} from {self._http}")
+            body = response.body
         try:
-            return v2.decode_value_frame(response.body, "client")
+            return v2.decode_value_frame(body, "client")
         except WireError as exc:
             raise ProtocolError(f"undecodable download from {self._http}: {exc.message}", code=exc.code) from exc
+
+    async def _get_download(self, ref: CachedRef | LocalRef, accept: str) -> HttpResponse:
+        query = urllib.parse.urlencode({"ref": _ref_json(ref)})
+        return await self._transport.request(
+            "GET",
+            f"{self._http}/download?{query}",
+            headers={**self._headers(), "Accept": accept},
+            timeout=self.timeout,
+        )
 
     async def info(self) -> dict[str, Any]:
         """The worker's ``GET /info`` document."""
@@ -501,6 +527,41 @@ def _http_error(response: HttpResponse, what: str) -> RemoteError:
         code = "unresolved_reference"
     retryable = ERROR_CODES.get(code, ("", False))[1]
     return RemoteError(f"{what} failed (HTTP {response.status}): {message}", code=code, retryable=retryable)
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine: ``localhost`` or a loopback address (names are not resolved)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def _mapped(document: bytes | bytearray | memoryview) -> memoryview | None:
+    """A same-host worker's stored frame, mapped privately (writable, copy on write); ``None`` when the
+    file named by ``document`` (``{"path", "size"}``) cannot be opened here or is not that frame."""
+    try:
+        where = json.loads(bytes(document))
+        path, size = where["path"], where["size"]
+        if not isinstance(path, str) or type(size) is not int or size < len(v2.MAGIC):
+            return None
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or os.fstat(fd).st_size != size:
+            return None
+        frame = memoryview(mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE))
+    except (OSError, ValueError, AttributeError):  # AttributeError: no MAP_PRIVATE on this platform
+        return None
+    finally:
+        os.close(fd)
+    return frame if frame[: len(v2.MAGIC)] == v2.MAGIC else None
 
 
 def _digest(parts: list[bytes | memoryview]) -> bytes:

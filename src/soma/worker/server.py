@@ -55,6 +55,7 @@ __all__ = [
     "STATE",
     "V2_CONTENT_TYPE",
     "V2_MAGIC",
+    "V2_PATH_CONTENT_TYPE",
     "ExecutorFactory",
     "MaskingAccessLogger",
     "WorkerState",
@@ -66,6 +67,10 @@ __all__ = [
 
 V2_CONTENT_TYPE = "application/vnd.soma.v2"
 """Content type of a v2 value frame on ``/upload`` and ``/download``."""
+
+V2_PATH_CONTENT_TYPE = "application/vnd.soma.v2.path+json"
+"""A ``/download`` answer a same-host client may accept instead of the frame: ``{"path", "size"}`` of the
+stored v2 frame, which it maps (read-only file, private copy-on-write map). Given only on a loopback peer."""
 
 V2_MAGIC = b"SOMA"
 """How a v2 frame begins (``soma.wire.v2.MAGIC``). The wire codecs are imported where values
@@ -678,9 +683,16 @@ class _SentFile(web.FileResponse):
         return await super().prepare(request)
 
 
+def _wants_path(request: web.Request) -> bool:
+    """Whether to answer a download with the stored file's path: the client accepts that form and
+    connects from this host (loopback), where it can map the file instead of copying it."""
+    return V2_PATH_CONTENT_TYPE in request.headers.get("Accept", "") and is_loopback(request.remote or "")
+
+
 @routes.get("/download")
 async def download(request: web.Request) -> web.StreamResponse:
-    """Send a stored value: a v2 frame with ``Accept: application/vnd.soma.v2``, else a v1 JSON ``Value``."""
+    """Send a stored value: a v2 frame with ``Accept: application/vnd.soma.v2``, else a v1 JSON ``Value``;
+    to a same-host client accepting ``V2_PATH_CONTENT_TYPE``, where its stored frame lies."""
     state = request.app[STATE]
     store = _store(state)
     want_v2 = V2_CONTENT_TYPE in request.headers.get("Accept", "")
@@ -700,6 +712,10 @@ async def download(request: web.Request) -> web.StreamResponse:
     stored: StoredValue = resolved
     pin = await asyncio.to_thread(store.pin, stored.key) if stored.key is not None else None
     try:
+        if stored.kind == "soma" and _wants_path(request):
+            # Same host: the client maps the file itself rather than receiving a copy over TCP.
+            document = {"path": str(stored.path), "size": stored.size}
+            return web.json_response(document, content_type=V2_PATH_CONTENT_TYPE)
         if (stored.kind == "soma" and want_v2) or (stored.kind == "json" and not want_v2):
             return await _send_file(request, stored, content_type, state.metrics)
         try:

@@ -36,6 +36,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Literal
 
+import xxhash
+
 from soma.errors import SomaConfigError, SomaError
 from soma.log import worker_logger
 
@@ -70,6 +72,7 @@ _PARALLEL_HASH_BYTES = 8 * _CHUNK
 RECENT_BYTES = 256 * _CHUNK
 """Default budget of ``Store.recent``: the encoded bytes of the decoded values it keeps."""
 _LOCK_NAME = "soma-worker.lock"
+_REMEMBERED_DIGESTS = 1024
 GIB = 1024**3
 
 ValueKind = Literal["soma", "json", "msgpack", "npy"]
@@ -392,6 +395,8 @@ class Store:
         self._pins: dict[str, int] = {}
         self._lock_fd: int | None = None
         self.recent = RecentValues(recent_bytes)
+        # Fast digests of bodies stored lately, with their keys (see put_parts).
+        self._digests: OrderedDict[bytes, str] = OrderedDict()
         self.set_data_store(data_store)
 
     # ---- lifecycle
@@ -494,12 +499,31 @@ class Store:
         return self.put_parts([body], suffix)
 
     def put_parts(self, parts: Sequence[bytes | bytearray | memoryview], suffix: str) -> str:
-        """Store the concatenation of ``parts`` (an encoded frame) without joining them; return its key."""
+        """Store the concatenation of ``parts`` (an encoded frame) without joining them; return its key.
+
+        A body stored lately is recognised by a fast digest (XXH3-128 and length) and its
+        file only touched: a value returned again (a cache hit served twice) is neither
+        hashed with SHA-256 nor written again.
+        """
         size = sum(memoryview(part).nbytes for part in parts)
+        hasher = xxhash.xxh3_128(suffix.encode())
+        for part in parts:
+            hasher.update(part)
+        digest = hasher.digest() + size.to_bytes(8, "little")
+        with self._lock:
+            known = self._digests.get(digest)
+        if known is not None and self.touch(known):
+            return known
         with self.open_upload(suffix, size=size) as upload:
             for part in parts:
                 upload.write(part)
-            return upload.commit()
+            key = upload.commit()
+        with self._lock:
+            self._digests[digest] = key
+            self._digests.move_to_end(digest)
+            while len(self._digests) > _REMEMBERED_DIGESTS:
+                self._digests.popitem(last=False)
+        return key
 
     def _adopt(self, partial: Path, key: str, suffix: str) -> None:
         with self._lock:
