@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator
 import os
 import pickle
 import re
@@ -129,9 +130,11 @@ def estimate_size(value: Any) -> int:
 def _flat_items_size(items: Collection[Any], stack: list[Any]) -> int:
     """Size of a container's items when all are numbers (counted in C, at the size of a
     small instance of each type); otherwise the items go on ``stack`` and count 0 here."""
+    first = type(next(iter(items), None))
+    # The common case, a long list of floats: counting one type compares pointers, no set is built.
+    if first in _ATOM_SIZES and operator.countOf(map(type, items), first) == len(items):
+        return _ATOM_SIZES[first] * len(items)
     kinds = set(map(type, items))
-    if len(kinds) == 1 and (kind := kinds.pop()) in _ATOM_SIZES:
-        return _ATOM_SIZES[kind] * len(items)
     if kinds and kinds <= _ATOM_SIZES.keys():
         return sum(_ATOM_SIZES[kind] * n for kind, n in Counter(map(type, items)).items())
     stack.extend(items)
