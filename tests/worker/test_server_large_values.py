@@ -51,6 +51,9 @@ async def test_head_download_says_whether_a_value_is_stored_without_sending_it(
             assert response.status == 200 and await response.read() == b""
         async with http.head(f"{server.url}/download", params=_ref("0" * 64), headers=headers) as response:
             assert response.status == 404
+        async with http.get(f"{server.url}/metrics", headers=AUTH) as response:
+            metrics = await response.text()
+    assert "soma_worker_bytes_sent_total 0.0" in metrics  # a HEAD sends no body
 
 
 async def test_a_same_host_client_is_told_where_the_frame_lies(tmp_path: Path, http: aiohttp.ClientSession) -> None:

@@ -672,7 +672,8 @@ async def _send_file(
     """
     response = _SentFile(stored.path, headers={"Content-Type": content_type})
     await response.prepare(request)
-    metrics.bytes_sent.inc(stored.size)
+    if request.method != "HEAD":  # a HEAD (does the worker still hold it?) sends no body
+        metrics.bytes_sent.inc(stored.size)
     return response
 
 
