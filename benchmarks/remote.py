@@ -7,6 +7,10 @@ The worker runs with a token and ``--max-concurrent 2``. Figures (seconds unless
   ``Graph`` each time (the connection is shared), median of 20.
 - ``remote_list_1p4M_s``: forward of a 1.4M-float list through a fitted filter, median of 3.
 - ``remote_array_100MB_s``: forward of a 100 MB float64 array through a fitted filter, median of 3.
+  The same value three times: after the first, the worker answers from its cache and the
+  client finds its upload still on the worker.
+- ``remote_list_1p4M_fresh_s``, ``remote_array_100MB_fresh_s``: the same forwards with one
+  element changed before each, so nothing is reused: upload, child and store every time.
 - ``remote_concurrent_s``: 4 concurrent forwards of a filter sleeping 0.5 s (two slots: >= 1.0 s).
 """
 
@@ -94,6 +98,17 @@ def median_of(repeats: int, fn: Callable[[], Any]) -> float:
     return statistics.median(timings)
 
 
+def fresh_forwards(graph: Graph, value: Any, repeats: int = 3) -> float:
+    """Median time of ``graph.forward(value)`` with ``value[0]`` changed (outside the timing) before each."""
+    timings = []
+    for i in range(repeats):
+        value[0] = i + 0.5
+        start = time.perf_counter()
+        graph.forward(value)
+        timings.append(time.perf_counter() - start)
+    return statistics.median(timings)
+
+
 def small(address: str) -> None:
     graph = graph_on(address, Centre())
     graph.fit([1.0, 2.0, 3.0])
@@ -126,11 +141,13 @@ def main() -> None:
         graph = graph_on(address, Centre())
         graph.fit(floats[:10])
         result["remote_list_1p4M_s"] = round(median_of(3, lambda: graph.forward(floats)), 3)
+        result["remote_list_1p4M_fresh_s"] = round(fresh_forwards(graph, floats), 3)
 
         array = np.random.default_rng(1).standard_normal(100 * 2**20 // 8)
         graph = graph_on(address, Centre())
         graph.fit(array[:10])
         result["remote_array_100MB_s"] = round(median_of(3, lambda: graph.forward(array)), 3)
+        result["remote_array_100MB_fresh_s"] = round(fresh_forwards(graph, array), 3)
 
         result["remote_concurrent_s"] = round(concurrent(address), 3)
         print(json.dumps(result))

@@ -149,3 +149,9 @@ def test_blob_array_never_imports_or_runs_a_class_of_the_blob(tmp_path: Path) ->
 def test_blob_array_is_none_for_a_truncated_blob(cut: int) -> None:
     blob = pickle.dumps(np.ones(300_000), protocol=5)
     assert blob_array(_writable(blob[:cut])) is None
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_blob_pickles_as_its_bytes_with_any_protocol(protocol: int) -> None:
+    blob = cache_blob({"a": [1, 2]}, "n")
+    assert pickle.loads(pickle.dumps(blob, protocol=protocol)) == pickle.dumps({"a": [1, 2]}, protocol=5)

@@ -17,6 +17,10 @@ correlation, time limits (:class:`~soma.client.timeout.Timeout`) and error mappi
 :class:`~soma.client.sync_client.RemoteClient` only runs it on its loop thread. The network
 sits behind :class:`~soma.client.transport.Transport` (aiohttp by default), so tests can put
 a fake worker in its place.
+
+Large values cross once where they can: an upload the worker still holds (``HEAD /download``)
+is not sent again, and a worker on this host names the file of a download, which the client
+maps instead of receiving a copy over TCP.
 """
 
 from __future__ import annotations
@@ -554,7 +558,8 @@ def _mapped(document: bytes | bytearray | memoryview) -> memoryview | None:
     except (ValueError, KeyError, TypeError, OSError):
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode) or os.fstat(fd).st_size != size:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode) or found.st_size != size:
             return None
         frame = memoryview(mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE))
     except (OSError, ValueError, AttributeError):  # AttributeError: no MAP_PRIVATE on this platform

@@ -126,7 +126,9 @@ class Blob:
     def __init__(self, data: bytes) -> None:
         self.data = data
 
-    def __reduce_ex__(self, protocol: Any) -> tuple[type[bytes], tuple[pickle.PickleBuffer]]:
+    def __reduce_ex__(self, protocol: Any) -> tuple[type[bytes], tuple[pickle.PickleBuffer | bytes]]:
+        if isinstance(protocol, int) and protocol < 5:  # no out-of-band buffers before protocol 5
+            return bytes, (self.data,)
         return bytes, (pickle.PickleBuffer(self.data),)
 
 
