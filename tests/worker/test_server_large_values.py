@@ -15,6 +15,7 @@ from _server_support import running, worker_config
 from aiohttp.test_utils import make_mocked_request
 
 from soma.client.async_client import AsyncRemoteClient
+from soma.errors import RemoteError
 from soma.wire import v2
 from soma.wire.messages import CachedRef
 from soma.worker.server import V2_CONTENT_TYPE, V2_PATH_CONTENT_TYPE, _wants_path
@@ -115,7 +116,7 @@ async def test_a_path_the_client_cannot_open_falls_back_to_receiving_the_frame(
         try:
             ref = await client.upload(value)
             assert await client.download(ref) == value
-            with pytest.raises(Exception, match="unresolved"):
+            with pytest.raises(RemoteError, match="unresolved"):
                 await client.download(CachedRef(cache_key="0" * 64))
         finally:
             await client.close()
