@@ -31,7 +31,16 @@ from soma.worker.detect import busy_seconds
 from soma.worker.metrics import CONTENT_TYPE, WorkerMetrics
 
 # Loaded after the bind (or by the first request that needs them), never to answer /health.
-DEFERRED = ("numpy", "psutil", "prometheus_client", "soma.filter", "soma.worker.execute", "soma.wire.v2")
+DEFERRED = (
+    "numpy",
+    "psutil",
+    "prometheus_client",
+    "soma.filter",
+    "soma.worker.execute",
+    "soma.worker.connection",
+    "soma.wire.v2",
+    "soma.wire.messages",
+)
 
 _BUILD_APP = f"""
 import sys

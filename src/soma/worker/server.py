@@ -26,9 +26,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 from aiohttp import web
@@ -39,15 +38,20 @@ from soma.isolation.limits import MemoryWatch
 from soma.isolation.markers import Opaque
 from soma.isolation.pool import Pool
 from soma.log import worker_logger
-from soma.wire.codec import Dialect
 from soma.wire.errors import WireError
-from soma.wire.messages import PROTOCOLS, CachedRef, Capabilities, GpuInfo, InlineRef, LoadMetrics, LocalRef
 from soma.worker.config import WorkerConfig, is_loopback
-from soma.worker.connection import PING_INTERVAL_S, SUBPROTOCOL_V2, Connection, Executor, SomaWebSocket
 from soma.worker.detect import Effective, LoadMeter
 from soma.worker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from soma.worker.metrics import WorkerMetrics
 from soma.worker.store import BadRequest, Store, StoredValue, StoreError, Upload
+
+if TYPE_CHECKING:
+    from soma.wire.codec import Dialect
+    from soma.wire.messages import Capabilities, LoadMetrics
+    from soma.worker.connection import Connection, Executor
+
+# The wire messages and the WebSocket connection are imported where they are used: a starting
+# worker answers /health before it needs them (they load while the executor does, after the bind).
 
 __all__ = [
     "MEMORY_WATCH_FRACTION",
@@ -92,13 +96,12 @@ _TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&#]*", re.IGNORECASE)
 
 def soma_version() -> str:
     """The installed ``soma-runtime`` version (``0+unknown`` in an uninstalled tree)."""
-    try:
-        return version("soma-runtime")
-    except PackageNotFoundError:  # pragma: no cover - only in an uninstalled source tree
-        return "0+unknown"
+    return _package_version("soma-runtime") or "0+unknown"
 
 
 def _package_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version  # scans installed packages: when asked
+
     try:
         return version(name)
     except PackageNotFoundError:
@@ -197,6 +200,8 @@ class WorkerState:
 
     def capabilities(self) -> Capabilities:
         """The wire ``Capabilities`` record."""
+        from soma.wire.messages import Capabilities, GpuInfo
+
         caps = self.effective.capabilities()
         return Capabilities(
             cpu_cores=caps["cpu_cores"],
@@ -234,6 +239,8 @@ class WorkerState:
 
     def load(self) -> LoadMetrics:
         """The ``LoadMetrics`` record (blocking; see ``load_dict``)."""
+        from soma.wire.messages import LoadMetrics
+
         return LoadMetrics(**self.load_dict())
 
     def runtime(self) -> dict[str, Any]:
@@ -276,6 +283,8 @@ class WorkerState:
 
     def info(self) -> dict[str, Any]:
         """The ``/info`` body (§4.1). Reads load: call it in a thread."""
+        from soma.wire.messages import PROTOCOLS
+
         return {
             "type": "Register",
             "worker_id": self.worker_id,
@@ -606,6 +615,8 @@ def _parse_ref(text: str | None) -> Any:
         data = json.loads(text)
     except ValueError as exc:
         raise BadRequest(f"?ref= is not JSON: {exc}") from exc
+    from soma.wire.messages import CachedRef
+
     if isinstance(data, dict) and data.get("type") == "Cached" and isinstance(data.get("cache_key"), str):
         return CachedRef(cache_key=data["cache_key"])
     from soma.wire import v1
@@ -618,6 +629,8 @@ def _parse_ref(text: str | None) -> Any:
 
 def _resolve(store: Store, ref: Any) -> StoredValue | Any:
     """A ``StoredValue`` for store/data-store references, the value itself for ``Inline``."""
+    from soma.wire.messages import CachedRef, InlineRef, LocalRef
+
     if isinstance(ref, LocalRef):
         return store.resolve_local(ref.path)
     if isinstance(ref, CachedRef):
@@ -700,6 +713,8 @@ def _wants_path(request: web.Request) -> bool:
 async def download(request: web.Request) -> web.StreamResponse:
     """Send a stored value: a v2 frame with ``Accept: application/vnd.soma.v2``, else a v1 JSON ``Value``;
     to a same-host client accepting ``V2_PATH_CONTENT_TYPE``, where its stored frame lies."""
+    from soma.wire.messages import InlineRef
+
     state = request.app[STATE]
     store = _store(state)
     want_v2 = V2_CONTENT_TYPE in request.headers.get("Accept", "")
@@ -744,6 +759,8 @@ async def download(request: web.Request) -> web.StreamResponse:
 @routes.get("/ws")
 async def websocket(request: web.Request) -> web.StreamResponse:
     """Upgrade to a wire connection: subprotocol ``soma.v2`` selects v2, none v1 (§5.1)."""
+    from soma.worker.connection import PING_INTERVAL_S, SUBPROTOCOL_V2, Connection, SomaWebSocket
+
     state = request.app[STATE]
     if state.draining:
         return _json_error(503, "shutting_down", "the worker is shutting down; connect elsewhere or later")
@@ -852,8 +869,9 @@ def _executor_ctx(factory: ExecutorFactory) -> Callable[[web.Application], Async
 
 async def _make_executor(state: WorkerState, factory: ExecutorFactory) -> None:
     assert state.pool is not None and state.store is not None
+    # Imported on a thread: compiling these modules would otherwise hold the loop.
+    await asyncio.to_thread(importlib.import_module, "soma.worker.connection")
     if factory is _default_executor:
-        # Imported on a thread: compiling the executor's modules would otherwise hold the loop.
         await asyncio.to_thread(importlib.import_module, "soma.worker.execute")
     state.executor = factory(
         state.config, pool=state.pool, store=state.store, metrics=state.metrics, capabilities=state.effective
