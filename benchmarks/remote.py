@@ -4,7 +4,10 @@ The worker runs with a token and ``--max-concurrent 2``. Figures (seconds unless
 
 - ``worker_startup_s``: from starting the ``soma-worker`` process to its first ``/health`` ``ok``.
 - ``remote_small_ms``: fit then forward of a 3-float list through one trainable filter, a fresh
-  ``Graph`` each time (the connection is shared), median of 20.
+  ``Graph`` each time (the connection is shared), median of 20. The same plans each time: the
+  worker answers them from its cache, under the keys the client sends, without a child.
+- ``remote_small_uncached_ms``: the same with ``Graph(cache=False)``: no keys are sent, so every
+  plan loads the filter into a pooled child and runs it there.
 - ``remote_list_1p4M_s``: forward of a 1.4M-float list through a fitted filter, median of 3.
 - ``remote_array_100MB_s``: forward of a 100 MB float64 array through a fitted filter, median of 3.
   The same value three times: after the first, the worker answers from its cache and the
@@ -83,8 +86,8 @@ def start_worker(port: int) -> tuple[subprocess.Popen[bytes], float]:
             time.sleep(0.005)
 
 
-def graph_on(address: str, *filters: Any) -> Graph:
-    graph = Graph.somatize(filters[0] if len(filters) == 1 else list(filters))
+def graph_on(address: str, *filters: Any, cache: bool = True) -> Graph:
+    graph = Graph.somatize(filters[0] if len(filters) == 1 else list(filters), cache=cache)
     graph.add_worker(address, token=TOKEN)
     return graph
 
@@ -109,8 +112,8 @@ def fresh_forwards(graph: Graph, value: Any, repeats: int = 3) -> float:
     return statistics.median(timings)
 
 
-def small(address: str) -> None:
-    graph = graph_on(address, Centre())
+def small(address: str, cache: bool = True) -> None:
+    graph = graph_on(address, Centre(), cache=cache)
     graph.fit([1.0, 2.0, 3.0])
     graph.forward([1.0, 2.0, 3.0])
 
@@ -136,6 +139,7 @@ def main() -> None:
         small(address)  # connection, children and code paths warm
         result: dict[str, float] = {"worker_startup_s": round(startup, 3)}
         result["remote_small_ms"] = round(median_of(20, lambda: small(address)) * 1000, 2)
+        result["remote_small_uncached_ms"] = round(median_of(20, lambda: small(address, cache=False)) * 1000, 2)
 
         floats = np.random.default_rng(0).standard_normal(1_400_000).tolist()
         graph = graph_on(address, Centre())

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from soma.errors import SomaConfigError
+from soma.hosts import is_loopback
 from soma.worker.config import (
     WorkerConfig,
     advertise_address,
@@ -17,7 +18,6 @@ from soma.worker.config import (
     check_bind,
     config_from_args,
     embedded_config,
-    is_loopback,
     parse_duration,
     parse_size,
     parse_tags,

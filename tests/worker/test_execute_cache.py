@@ -16,7 +16,7 @@ from _execute_support import RecordingConnection, chain, filt, fit_mode, plan, r
 from soma.isolation.pool import Pool, PoolStats
 from soma.runtime.cache import Cache, DiskTier
 from soma.wire import v2
-from soma.wire.messages import PlanResult, PlanSuccess, Reply
+from soma.wire.messages import AssignPlan, PlanResult, PlanSuccess, Reply
 from soma.worker.metrics import WorkerMetrics
 
 K1, K2, K3, K4 = ("1" * 64, "2" * 64, "3" * 64, "4" * 64)
@@ -37,6 +37,13 @@ def _completed_hit(conn: RecordingConnection) -> list[bool]:
     return [e["cache_hit"] for e in conn.events("NodeCompleted")]
 
 
+def _scaler_fit() -> AssignPlan:
+    """Fit of one Scaler on [1.0, 3.0], its state cached under K1 and its output under K2."""
+    return plan(
+        chain("s"), [filt("s", F.Scaler(), trainable=True, fit_key=K1, out_key=K2)], input=[1.0, 3.0], mode=fit_mode()
+    )
+
+
 async def test_output_keys_are_used_exactly_as_sent(tmp_path: Path) -> None:
     async with rig(tmp_path) as r:
         first = RecordingConnection()
@@ -53,12 +60,7 @@ async def test_output_keys_are_used_exactly_as_sent(tmp_path: Path) -> None:
 
 async def test_fit_states_and_outputs_hit_and_no_user_method_runs(tmp_path: Path) -> None:
     async with rig(tmp_path) as r:
-        msg = plan(
-            chain("s"),
-            [filt("s", F.Scaler(), trainable=True, fit_key=K1, out_key=K2)],
-            input=[1.0, 3.0],
-            mode=fit_mode(),
-        )
+        msg = _scaler_fit()
         first = success(await r.run(msg))
         assert first.states == {"s": {"mean": 2.0}}
         conn = RecordingConnection()
@@ -185,12 +187,7 @@ async def _settled(pool: Pool) -> PoolStats:
 
 async def test_a_plan_the_cache_serves_whole_takes_no_child(tmp_path: Path) -> None:
     async with rig(tmp_path, pool_options={"max_tasks": 1}) as r:
-        msg = plan(
-            chain("s"),
-            [filt("s", F.Scaler(), trainable=True, fit_key=K1, out_key=K2)],
-            input=[1.0, 3.0],
-            mode=fit_mode(),
-        )
+        msg = _scaler_fit()
         first = success(await r.run(msg))
         before = await _settled(r.pool)
         assert before.spawned == 1 and before.kills.get("max_tasks") == 1  # each checkout retires its child

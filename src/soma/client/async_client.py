@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import ipaddress
 import itertools
 import json
 import mmap
@@ -49,6 +48,7 @@ from soma.client.timeout import DEFAULT, Timeout, _Default
 from soma.client.transport import Body, Channel, HttpResponse, Transport
 from soma.client.versions import runtime_versions
 from soma.errors import ProtocolError, RemoteError, RemoteTimeoutError, SomaError
+from soma.hosts import is_loopback
 from soma.log import client_logger
 from soma.wire import v2
 from soma.wire.codec import check_version
@@ -116,7 +116,7 @@ class AsyncRemoteClient:
         self.state = ClientState.IDLE
         self.welcome: Welcome | None = None
         self._http = http_base(address)
-        self._same_host = _is_loopback(urllib.parse.urlsplit(self._http).hostname or "")
+        self._same_host = is_loopback(urllib.parse.urlsplit(self._http).hostname or "")
         self._transport: Transport = transport or AiohttpTransport()
         self._channel: Channel | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -531,19 +531,6 @@ def _http_error(response: HttpResponse, what: str) -> RemoteError:
         code = "unresolved_reference"
     retryable = ERROR_CODES.get(code, ("", False))[1]
     return RemoteError(f"{what} failed (HTTP {response.status}): {message}", code=code, retryable=retryable)
-
-
-def _is_loopback(host: str) -> bool:
-    """Whether ``host`` names this machine: ``localhost`` or a loopback address (names are not resolved)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
 
 
 def _mapped(document: bytes | bytearray | memoryview) -> memoryview | None:

@@ -13,7 +13,6 @@ a directory.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import re
@@ -28,6 +27,7 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from soma.errors import SomaConfigError
+from soma.hosts import is_loopback
 
 __all__ = [
     "INLINE_THRESHOLD",
@@ -40,7 +40,6 @@ __all__ = [
     "config_from_args",
     "default_host",
     "embedded_config",
-    "is_loopback",
     "parse_duration",
     "parse_size",
     "parse_tags",
@@ -169,23 +168,6 @@ def validate_worker_id(worker_id: str) -> str:
 
 
 # --------------------------------------------------------------------------- binding
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is a loopback address: ``127.0.0.0/8``, ``::1`` or ``localhost``.
-
-    Other host names are not resolved, so they count as non-loopback.
-    """
-    name = host.strip().strip("[]").lower()
-    if name == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
 
 
 def default_host(token: str | None) -> str:

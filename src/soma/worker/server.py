@@ -34,12 +34,13 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger, AbstractStreamWriter
 
 from soma.errors import SomaConfigError
+from soma.hosts import is_loopback
 from soma.isolation.limits import MemoryWatch
 from soma.isolation.markers import Opaque
 from soma.isolation.pool import Pool
 from soma.log import worker_logger
 from soma.wire.errors import WireError
-from soma.worker.config import WorkerConfig, is_loopback
+from soma.worker.config import WorkerConfig
 from soma.worker.detect import Effective, LoadMeter
 from soma.worker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from soma.worker.metrics import WorkerMetrics
