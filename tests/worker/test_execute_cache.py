@@ -16,7 +16,7 @@ from _execute_support import RecordingConnection, chain, filt, fit_mode, plan, r
 from soma.isolation.pool import Pool, PoolStats
 from soma.runtime.cache import Cache, DiskTier
 from soma.wire import v2
-from soma.wire.messages import AssignPlan, PlanResult, PlanSuccess, Reply
+from soma.wire.messages import AssignPlan, CachedRef, PlanResult, PlanSuccess, Reply
 from soma.worker.metrics import WorkerMetrics
 
 K1, K2, K3, K4 = ("1" * 64, "2" * 64, "3" * 64, "4" * 64)
@@ -47,14 +47,14 @@ def _scaler_fit() -> AssignPlan:
 async def test_output_keys_are_used_exactly_as_sent(tmp_path: Path) -> None:
     async with rig(tmp_path) as r:
         first = RecordingConnection()
-        out = success(await r.run(plan(chain("n"), [filt("n", F.Doubler(), out_key=K1)], input=[1, 2]), first))
+        out = _client_view(await r.run(plan(chain("n"), [filt("n", F.Doubler(), out_key=K1)], input=[1, 2]), first))
         assert out.output == [2, 4] and _hits(first) == [] and _completed_hit(first) == [False]
         other_node = RecordingConnection()
         reply = await r.run(plan(chain("m"), [filt("m", F.AddOne(), out_key=K1)], input=[1, 2]), other_node)
         assert _client_view(reply).output == [2, 4]  # another node id, the same key: a hit, AddOne never ran
         assert _hits(other_node) == [("m", "output", K1)] and _completed_hit(other_node) == [True]
         other_key = RecordingConnection()
-        out = success(await r.run(plan(chain("n"), [filt("n", F.AddOne(), out_key=K2)], input=[1, 2]), other_key))
+        out = _client_view(await r.run(plan(chain("n"), [filt("n", F.AddOne(), out_key=K2)], input=[1, 2]), other_key))
         assert out.output == [2, 3] and _hits(other_key) == []
 
 
@@ -89,7 +89,7 @@ async def test_a_state_hit_feeds_the_forward_that_follows(tmp_path: Path) -> Non
 async def test_a_cached_step_runs_like_execute_on_a_miss_then_hits(tmp_path: Path) -> None:
     step = {"type": "Cached", "node_id": "n", "key": K4}
     async with rig(tmp_path) as r:
-        assert success(await r.run(plan(step, [filt("n", F.Doubler())], input=[3]))).output == [6]
+        assert _client_view(await r.run(plan(step, [filt("n", F.Doubler())], input=[3]))).output == [6]
         conn = RecordingConnection()
         assert _client_view(await r.run(plan(step, [filt("n", F.Failing())], input=[3]), conn)).output == [6]
         assert _hits(conn) == [("n", "output", K4)]
@@ -154,13 +154,13 @@ async def test_an_unusable_cache_dir_logs_a_warning_and_plans_still_succeed(
     blocked.write_text("not a directory")
     with caplog.at_level(logging.WARNING, logger="soma.worker"):
         async with rig(tmp_path, cache_dir=blocked) as r:
-            assert success(await r.run(plan(chain("n"), [filt("n", F.Doubler(), out_key=K1)], input=[1]))).output == [2]
+            assert _client_view(await r.run(plan(chain("n"), [filt("n", F.Doubler(), out_key=K1)], input=[1]))).output == [2]
         assert "disk tier disabled" in caplog.text
     shared = tmp_path / "cache"
     with caplog.at_level(logging.WARNING, logger="soma.worker"):
         async with rig(tmp_path / "second", cache_dir=shared) as r:
             (shared / "v1" / K2[:2]).write_text("a file where the bucket should be")
-            assert success(await r.run(plan(chain("n"), [filt("n", F.Doubler(), out_key=K2)], input=[1]))).output == [2]
+            assert _client_view(await r.run(plan(chain("n"), [filt("n", F.Doubler(), out_key=K2)], input=[1]))).output == [2]
     assert "not written to disk" in caplog.text
 
 
@@ -216,3 +216,12 @@ async def test_a_plan_the_cache_was_to_serve_takes_a_child_when_an_entry_is_gone
         assert result.states == {"s": {"mean": 2.0}} and result.output == [-2.0, 2.0]
         assert [e["event_type"] for e in conn.events()] == ["NodeStarted", "NodeCompleted"] * 2
         assert r.pool.stats().spawned == 1
+
+
+async def test_a_cached_output_is_answered_as_the_bytes_a_later_hit_answers(tmp_path: Path) -> None:
+    # The first answer is the cache blob too, so a large output is stored once for both.
+    big = list(range(3 * 2**20 // 8))
+    async with rig(tmp_path, inline_threshold=2**20) as r:
+        miss = success(await r.run(plan(chain("n"), [filt("n", F.Echo(), out_key=K1)], input=big)))
+        hit = success(await r.run(plan(chain("n"), [filt("n", F.Failing(), out_key=K1)], input=big)))
+    assert isinstance(miss.output, CachedRef) and miss.output == hit.output

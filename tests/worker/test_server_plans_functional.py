@@ -36,7 +36,10 @@ async def _metric(http: aiohttp.ClientSession, url: str, name: str) -> float:
 
 
 def _alive(pid: int) -> bool:
-    return bool(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # gone, also between two looks at it
+        return False
 
 
 async def test_slots_busy_follows_a_running_plan(tmp_path: Path, http: aiohttp.ClientSession) -> None:

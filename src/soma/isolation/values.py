@@ -189,7 +189,7 @@ def cache_blob(value: Any, node_id: str | None) -> Blob:
     ``CommandError("encoding_error")`` naming ``node_id`` when neither can pickle it.
     """
     try:
-        return Blob(pickle.dumps(value, protocol=5))
+        return Blob(_aligned(pickle.dumps(value, protocol=5)))
     except Exception:  # noqa: BLE001 - the cache format falls back to cloudpickle on any pickling failure
         try:
             return Blob(cloudpickle.dumps(value, protocol=5))
@@ -199,6 +199,23 @@ def cache_blob(value: Any, node_id: str | None) -> Blob:
                 f"cannot pickle the {type(value).__name__} from node {node_id!r} into a cache blob: {exc}",
                 node_id=node_id,
             ) from exc
+
+
+_BLOB_ALIGNMENT = 64
+"""Where a blob's one long byte string starts, relative to the blob (a frame's buffers are as aligned)."""
+
+
+def _aligned(blob: bytes) -> bytes:
+    """``blob`` with a discarded pad after its protocol header, so that its one long byte string (an
+    array's bytes) starts at a multiple of ``_BLOB_ALIGNMENT``: ``blob_array`` can then use it in place.
+
+    The pad is ``SHORT_BINBYTES`` then ``POP``: ``pickle.loads`` gives the same value.
+    """
+    strings = _long_byte_strings(memoryview(blob))
+    if not strings or len(strings) != 1 or blob[:2] != b"\x80\x05":
+        return blob
+    pad = -(strings[0][1] + 3) % _BLOB_ALIGNMENT  # the pad op is 3 bytes plus its payload
+    return b"".join((blob[:2], b"C", bytes((pad,)), bytes(pad), b"0", blob[2:]))
 
 
 _IN_PLACE_BYTES = 1 << 20
@@ -246,7 +263,15 @@ def blob_array(blob: bytes | memoryview) -> Any:
         value = channel.restricted_loads(b"".join(pieces), buffers)
     except Exception:  # noqa: BLE001 - refused or malformed: the caller loads it the usual way
         return None
-    return value if is_ndarray(value) and _is_plain_numpy(value) else None
+    if not (is_ndarray(value) and _is_plain_numpy(value)):
+        return None
+    if not value.flags.aligned:
+        # An array at an odd offset of the blob: numpy would reduce it with its unaligned loops,
+        # whose rounding differs from an aligned copy's (and is slower). Copy it, as pickle would.
+        copy = value.copy(order="K")
+        copy.flags.writeable = value.flags.writeable
+        return copy
+    return value
 
 
 def _long_byte_strings(view: memoryview) -> list[tuple[int, int, int, str]] | None:

@@ -220,20 +220,28 @@ class PlanWalk:
                 self.values[node_id] = Opaque(hit.blob, [])
                 self._summaries[node_id] = hit.summary or "<cached>"
                 return no_user_code
+        # An output that is cached is answered as its cache blob, as a later hit will be: the value
+        # crosses from the child once, and the client gets the same bytes both times.
+        as_blob = out_key is not None and give_back == "value"
         reply = await self._call(
             "FORWARD",
             node_id,
             node_id=node_id,
             data=x,
             blob=out_key is not None,
-            **{"return": give_back},
+            **{"return": "handle" if as_blob else give_back},
             **state_field,
         )
-        await self._keep_output(node_id, reply, out_key)
+        await self._keep_output(node_id, reply, out_key, as_blob=as_blob)
         return False
 
-    async def _keep_output(self, node_id: str, reply: Mapping[str, Any], out_key: str | None) -> None:
-        self.values[node_id] = Handle(reply["handle"]) if "handle" in reply else reply.get("result")
+    async def _keep_output(
+        self, node_id: str, reply: Mapping[str, Any], out_key: str | None, *, as_blob: bool = False
+    ) -> None:
+        if as_blob and isinstance(reply.get("blob"), bytes):
+            self.values[node_id] = Opaque(reply["blob"], [])
+        else:
+            self.values[node_id] = Handle(reply["handle"]) if "handle" in reply else reply.get("result")
         summary = reply.get("summary")
         self._summaries[node_id] = summary if isinstance(summary, str) else "None"
         if out_key is not None and reply.get("blob") is not None:
