@@ -176,3 +176,33 @@ def test_blob_array_is_none_for_a_truncated_blob(cut: int) -> None:
 def test_a_blob_pickles_as_its_bytes_with_any_protocol(protocol: int) -> None:
     blob = cache_blob({"a": [1, 2]}, "n")
     assert pickle.loads(pickle.dumps(blob, protocol=protocol)) == pickle.dumps({"a": [1, 2]}, protocol=5)
+
+
+def _frozen(array: Any) -> Any:
+    array.flags.writeable = False
+    return array
+
+
+def _records() -> Any:
+    records = np.zeros(200_000, dtype=[("a", "<f8"), ("b", "<i4")])
+    records["a"], records["b"] = np.arange(1, 200_001) * 0.5, np.arange(1, 200_001)
+    return records
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.linspace(0.0, 1.0, 300_000),
+        np.asfortranarray(np.arange(300_000, dtype=np.float32).reshape(600, 500)),
+        _records(),
+        _frozen(np.arange(1, 200_001, dtype=np.int64)),
+    ],
+    ids=["float64", "fortran", "records", "read-only"],
+)
+def test_a_blob_of_one_array_loads_like_its_pickle_with_the_bytes_aligned(array: Any) -> None:
+    blob = cache_blob(array, "n").data
+    back, expected = pickle.loads(blob), pickle.loads(pickle.dumps(array, protocol=5))
+    assert back.dtype == expected.dtype and back.shape == expected.shape and back.tobytes() == array.tobytes()
+    assert (back.flags.writeable, back.flags.f_contiguous) == (expected.flags.writeable, expected.flags.f_contiguous)
+    data_at = blob.find(array.tobytes(order="A")[:64])
+    assert data_at % 64 == 0  # read in place from a frame's aligned buffer

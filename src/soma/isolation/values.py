@@ -189,7 +189,7 @@ def cache_blob(value: Any, node_id: str | None) -> Blob:
     ``CommandError("encoding_error")`` naming ``node_id`` when neither can pickle it.
     """
     try:
-        return Blob(_aligned(pickle.dumps(value, protocol=5)))
+        return Blob(_aligned_pickle(value) or pickle.dumps(value, protocol=5))
     except Exception:  # noqa: BLE001 - the cache format falls back to cloudpickle on any pickling failure
         try:
             return Blob(cloudpickle.dumps(value, protocol=5))
@@ -202,20 +202,48 @@ def cache_blob(value: Any, node_id: str | None) -> Blob:
 
 
 _BLOB_ALIGNMENT = 64
-"""Where a blob's one long byte string starts, relative to the blob (a frame's buffers are as aligned)."""
+"""Where the bytes of a blob's one large buffer start, relative to the blob (a frame's buffers are as aligned)."""
 
 
-def _aligned(blob: bytes) -> bytes:
-    """``blob`` with a discarded pad after its protocol header, so that its one long byte string (an
-    array's bytes) starts at a multiple of ``_BLOB_ALIGNMENT``: ``blob_array`` can then use it in place.
+def _aligned_pickle(value: Any) -> bytes | None:
+    """``pickle.dumps(value, protocol=5)`` for a value holding one large buffer (an array), laid out
+    so that the buffer's bytes start at a multiple of ``_BLOB_ALIGNMENT``: ``blob_array`` can then
+    use them in place. ``None`` for any other value.
 
-    The pad is ``SHORT_BINBYTES`` then ``POP``: ``pickle.loads`` gives the same value.
+    The value is pickled with its buffer out of band, then the buffer is put in band where the
+    pickle said ``NEXT_BUFFER``: the bytes are copied once, as ``pickle.dumps`` copies them. A
+    ``SHORT_BINBYTES`` pad, popped at once, goes after the protocol header; frames are left out
+    (they are optional). ``pickle.loads`` gives what it gives for ``pickle.dumps(value, 5)``.
     """
-    strings = _long_byte_strings(memoryview(blob))
-    if not strings or len(strings) != 1 or blob[:2] != b"\x80\x05":
-        return blob
-    pad = -(strings[0][1] + 3) % _BLOB_ALIGNMENT  # the pad op is 3 bytes plus its payload
-    return b"".join((blob[:2], b"C", bytes((pad,)), bytes(pad), b"0", blob[2:]))
+    buffers: list[pickle.PickleBuffer] = []
+    head = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    if len(buffers) != 1:
+        return None
+    raw = buffers[0].raw()
+    if raw.nbytes < _IN_PLACE_BYTES:
+        return None
+    ops = list(pickletools.genops(head))
+    before: list[bytes] = []
+    after: list[bytes] = []
+    opcode = b"\x96"  # BYTEARRAY8: what an in-band writable buffer becomes
+    side = before
+    for index, (op, _, position) in enumerate(ops):
+        end = ops[index + 1][2] if index + 1 < len(ops) else len(head)
+        if op.name in ("PROTO", "FRAME"):
+            continue
+        if op.name == "NEXT_BUFFER":
+            side = after
+        elif op.name == "READONLY_BUFFER" and side is after and not after:
+            opcode = b"\x8e"  # BINBYTES8: a read-only buffer in band
+        else:
+            side.append(head[position:end])
+    if side is before or head[:2] != b"\x80\x05":
+        return None
+    prefix = b"".join(before)
+    pad = -(2 + 3 + len(prefix) + 9) % _BLOB_ALIGNMENT  # header, pad op (3 + pad), buffer op and length
+    return b"".join(
+        (head[:2], b"C", bytes((pad,)), bytes(pad), b"0", prefix, opcode, raw.nbytes.to_bytes(8, "little"), raw, *after)
+    )
 
 
 _IN_PLACE_BYTES = 1 << 20
