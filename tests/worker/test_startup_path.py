@@ -40,6 +40,7 @@ DEFERRED = (
     "soma.worker.connection",
     "soma.wire.v2",
     "soma.wire.messages",
+    "soma.isolation.pool",
 )
 
 _BUILD_APP = f"""

@@ -1,9 +1,10 @@
 """The life of one worker process (worker spec §2.3, §6.12), shared by ``soma-worker`` and ``soma.Worker``.
 
-    detect CPUs, RAM, GPUs ─▶ effective caps ─▶ app setup: store (lock, sweep), memory watch, pool
+    detect CPUs, RAM, GPUs ─▶ effective caps ─▶ app setup: store (lock, sweep), work dir
         ─▶ bind (failure: BindError "cannot bind <host>:<port>: <reason>") ─▶ /health answers
-        ─▶ meanwhile, on threads: the executor's modules load, the interpreter probes run (<= 15 s)
-           and the metrics registry is made ─▶ all done: summary log ─▶ prewarm
+        ─▶ meanwhile, on threads: the pool's and executor's modules load (then the memory watch,
+           pool and executor are made), the interpreter probes run (<= 15 s) and the metrics
+           registry is made ─▶ all done: summary log ─▶ prewarm
         ─▶ serve until SIGINT/SIGTERM, ``stop()`` or an accepted ``Shutdown``
         ─▶ drain: /health 503, new requests ``shutting_down``, running ones get ``drain_s``
         ─▶ connections closed (1001) ─▶ app cleanup (executor, children, watch, store lock)

@@ -4,8 +4,8 @@
             ─▶ GET /health · GET /info · POST /upload · GET /download · GET /ws · GET /metrics
 
 Long-lived resources are built in ``cleanup_ctx`` so shutdown mirrors startup: the store
-(temp-dir lock, startup sweep, periodic sweeper), the memory watch and child pool, then the
-plan executor. ``WorkerState`` (under the ``STATE`` app key) is what handlers and WebSocket
+(temp-dir lock, startup sweep, periodic sweeper), the work dir, then the plan executor, made in
+the background after the bind together with the memory watch and child pool it runs on. ``WorkerState`` (under the ``STATE`` app key) is what handlers and WebSocket
 connections share. Blocking work (hashing, decoding stored values, scraping) runs in threads.
 """
 
@@ -35,9 +35,7 @@ from aiohttp.abc import AbstractAccessLogger, AbstractStreamWriter
 
 from soma.errors import SomaConfigError
 from soma.hosts import is_loopback
-from soma.isolation.limits import MemoryWatch
 from soma.isolation.markers import Opaque
-from soma.isolation.pool import Pool
 from soma.log import worker_logger
 from soma.wire.errors import WireError
 from soma.worker.config import WorkerConfig
@@ -47,6 +45,8 @@ from soma.worker.metrics import WorkerMetrics
 from soma.worker.store import BadRequest, Store, StoredValue, StoreError, Upload
 
 if TYPE_CHECKING:
+    from soma.isolation.limits import MemoryWatch
+    from soma.isolation.pool import Pool
     from soma.wire.codec import Dialect
     from soma.wire.messages import Capabilities, LoadMetrics
     from soma.worker.connection import Connection, Executor
@@ -823,16 +823,34 @@ async def _sweep_forever(store: Store, period: float) -> None:
 
 
 async def _pool_lifetime(app: web.Application) -> AsyncIterator[None]:
-    """The work dir, the memory watch (§3.3) and the child pool; on exit every child is killed."""
+    """The work dir now; the memory watch (§3.3) and the child pool once made (``_open_pool``, after the
+    bind); on exit every child is killed."""
     state = app[STATE]
     config = state.config
     try:
         await asyncio.to_thread(config.work_dir.mkdir, parents=True, exist_ok=True)
     except OSError as exc:
         raise SomaConfigError(f"cannot create the work dir {config.work_dir}: {exc.strerror or exc}") from exc
+    try:
+        yield
+    finally:
+        if state.pool is not None:
+            await asyncio.to_thread(state.pool.close)
+        if state.memory_watch is not None:
+            await asyncio.to_thread(state.memory_watch.stop)
+
+
+async def _open_pool(state: WorkerState) -> None:
+    """Start the memory watch and make the child pool (their modules load on a thread)."""
+    await asyncio.to_thread(importlib.import_module, "soma.isolation.pool")
+    from soma.isolation.limits import MemoryWatch
+    from soma.isolation.pool import Pool
+
+    config = state.config
     watch = MemoryWatch(total_limit=state.memory_limit(), child_limit=config.child_memory)
     watch.start()
-    pool = Pool(
+    state.memory_watch = watch
+    state.pool = Pool(
         max_idle=config.max_idle_children if config.max_idle_children is not None else config.max_concurrent,
         idle_ttl=config.child_idle_ttl,
         max_tasks=config.child_max_tasks,
@@ -840,13 +858,7 @@ async def _pool_lifetime(app: web.Application) -> AsyncIterator[None]:
         restricted=True,
         memory_watch=watch,
     )
-    state.pool, state.memory_watch = pool, watch
-    state.metrics.attach(pool=pool)
-    try:
-        yield
-    finally:
-        await asyncio.to_thread(pool.close)
-        await asyncio.to_thread(watch.stop)
+    state.metrics.attach(pool=state.pool)
 
 
 def _executor_ctx(factory: ExecutorFactory) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -869,6 +881,7 @@ def _executor_ctx(factory: ExecutorFactory) -> Callable[[web.Application], Async
 
 
 async def _make_executor(state: WorkerState, factory: ExecutorFactory) -> None:
+    await _open_pool(state)
     assert state.pool is not None and state.store is not None
     # Imported on a thread: compiling these modules would otherwise hold the loop.
     await asyncio.to_thread(importlib.import_module, "soma.worker.connection")
