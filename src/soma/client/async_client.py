@@ -38,8 +38,6 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import xxhash
-
 from soma.client.addresses import http_base, ws_base
 from soma.client.aiohttp_transport import AiohttpTransport
 from soma.client.errors import error_from_reply
@@ -47,6 +45,7 @@ from soma.client.state import ClientState
 from soma.client.timeout import DEFAULT, Timeout, _Default
 from soma.client.transport import Body, Channel, HttpResponse, Transport
 from soma.client.versions import runtime_versions
+from soma.digests import parts_digest
 from soma.errors import ProtocolError, RemoteError, RemoteTimeoutError, SomaError
 from soma.hosts import is_loopback
 from soma.log import client_logger
@@ -403,7 +402,7 @@ class AsyncRemoteClient:
         """
         parts: list[bytes | memoryview] = [frame] if isinstance(frame, bytes) else list(frame)
         size = sum(memoryview(part).nbytes for part in parts)
-        digest = await asyncio.to_thread(_digest, parts) if size >= _HASH_OFF_LOOP else _digest(parts)
+        digest = await asyncio.to_thread(parts_digest, parts) if size >= _HASH_OFF_LOOP else parts_digest(parts)
         known = self._uploads.get(digest)
         if known is not None:
             if await self._holds(known):
@@ -558,16 +557,6 @@ def _mapped(document: bytes | bytearray | memoryview) -> memoryview | None:
         mapped.madvise(mmap.MADV_WILLNEED)
     frame = memoryview(mapped)
     return frame if frame[: len(v2.MAGIC)] == v2.MAGIC else None
-
-
-def _digest(parts: list[bytes | memoryview]) -> bytes:
-    """XXH3-128 of a frame's bytes and its length: which frames were uploaded already."""
-    hasher = xxhash.xxh3_128()
-    size = 0
-    for part in parts:
-        hasher.update(part)
-        size += memoryview(part).nbytes
-    return hasher.digest() + size.to_bytes(8, "little")
 
 
 def _ref_json(ref: CachedRef | LocalRef) -> str:

@@ -5,8 +5,9 @@
 
 Long-lived resources are built in ``cleanup_ctx`` so shutdown mirrors startup: the store
 (temp-dir lock, startup sweep, periodic sweeper), the work dir, then the plan executor, made in
-the background after the bind together with the memory watch and child pool it runs on. ``WorkerState`` (under the ``STATE`` app key) is what handlers and WebSocket
-connections share. Blocking work (hashing, decoding stored values, scraping) runs in threads.
+the background after the bind together with the memory watch and child pool it runs on.
+``WorkerState`` (under the ``STATE`` app key) is what handlers and WebSocket connections share.
+Blocking work (hashing, decoding stored values, scraping) runs in threads.
 """
 
 from __future__ import annotations

@@ -36,8 +36,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Literal
 
-import xxhash
-
+from soma.digests import parts_digest
 from soma.errors import SomaConfigError, SomaError
 from soma.log import worker_logger
 
@@ -506,10 +505,7 @@ class Store:
         hashed with SHA-256 nor written again.
         """
         size = sum(memoryview(part).nbytes for part in parts)
-        hasher = xxhash.xxh3_128(suffix.encode())
-        for part in parts:
-            hasher.update(part)
-        digest = hasher.digest() + size.to_bytes(8, "little")
+        digest = parts_digest(parts, salt=suffix.encode())
         with self._lock:
             known = self._digests.get(digest)
         if known is not None and self.touch(known):
