@@ -78,6 +78,61 @@ print([before, Filter is soma.filter.Filter, Chain is soma.chain.Chain, Fork is 
     assert _run_python(code) == [False, True, True, True, True]
 
 
+# --------------------------------------------------------------------------- client TLS trust
+
+
+def test_ca_certificates_deferred_during_a_block_are_loaded_later() -> None:
+    code = """
+import ssl
+from soma.worker.trust import deferred_trust, load_deferred_trust
+
+def cas(context):
+    return context.cert_store_stats()["x509_ca"]
+
+with deferred_trust():
+    deferred = ssl.create_default_context()
+after_block = ssl.create_default_context()
+before = cas(deferred)
+load_deferred_trust()
+print([before, cas(deferred) == cas(after_block), "set_default_verify_paths" in vars(ssl.SSLContext)])
+"""
+    assert _run_python(code) == [0, True, False]
+
+
+_CLI_TRUST = """
+import os, signal, ssl, sys, threading
+import soma.worker.cli as cli
+
+def cas(context):
+    return context.cert_store_stats()["x509_ca"]
+
+seen = []
+load = cli.load_deferred_trust
+
+def load_and_stop():
+    import aiohttp.connector
+    seen.append(cas(aiohttp.connector._SSL_CONTEXT_VERIFIED))
+    load()
+    seen.append(cas(aiohttp.connector._SSL_CONTEXT_VERIFIED) == cas(ssl.create_default_context()))
+    os.kill(os.getpid(), signal.SIGTERM)
+
+cli.load_deferred_trust = load_and_stop
+code = cli.main(["--port", "0", "--prewarm", "0", "--temp-dir", sys.argv[1], "--work-dir", sys.argv[2]])
+print([code, *seen])
+"""
+
+
+def test_the_cli_worker_loads_clients_ca_certificates_once_it_listens(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _CLI_TRUST, str(tmp_path / "temp"), str(tmp_path / "work")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert ast.literal_eval(done.stdout.strip().splitlines()[-1]) == [0, 0, True]
+
+
 # --------------------------------------------------------------------------- interpreter probes
 
 

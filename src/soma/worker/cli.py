@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import threading
 from collections.abc import Sequence
 
 from soma.errors import SomaConfigError
 from soma.log import worker_logger
 from soma.worker.config import config_from_args
+from soma.worker.trust import deferred_trust, load_deferred_trust
 
 __all__ = ["main"]
 
@@ -37,11 +39,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help and --version print and stop here
         return exc.code if isinstance(exc.code, int) else 0
     _configure_logging(config.logging_level)
-    # Imported here so that --help and flag errors answer without loading the server stack.
-    from soma.worker.app import BindError, WorkerServer
+    # Imported here so that --help and flag errors answer without loading the server stack,
+    # and with aiohttp's client CA loading put off until the worker listens.
+    with deferred_trust():
+        from soma.worker.app import BindError, WorkerServer
+
+    def on_ready(_: object) -> None:
+        threading.Thread(target=load_deferred_trust, name="soma-load-trust", daemon=True).start()
 
     try:
-        asyncio.run(WorkerServer(config).serve(install_signals=True))
+        asyncio.run(WorkerServer(config).serve(on_ready=on_ready, install_signals=True))
     except BindError as exc:
         worker_logger.error("%s", exc)
         return 1
