@@ -28,8 +28,6 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
-import cloudpickle
-
 from soma.client.errors import error_from_reply
 from soma.client.sync_client import RemoteClient, client_for
 from soma.client.versions import runtime_versions
@@ -46,6 +44,7 @@ from soma.isolation.child_errors import CommandError, UserCodeError
 from soma.isolation.training import unwrap_state
 from soma.runtime import events as ev
 from soma.runtime.cache import Cache
+from soma.runtime.filter_pickles import pickle_filter
 from soma.runtime.nodes import NodeRecord
 from soma.runtime.runners import BlockRequest, BlockResult, RemoteRunnerFactory, RunnerSpec
 from soma.wire import v2
@@ -278,7 +277,7 @@ class WorkerRunner:
 
 def _pickle_filter(node_id: str, filter_obj: Any) -> bytes:
     try:
-        data: bytes = cloudpickle.dumps(filter_obj)
+        data = pickle_filter(filter_obj)
     except Exception as exc:  # pickling runs the filter's own reducers; any failure is the filter's
         raise SomaConfigError(
             f"filter of node `{node_id}` ({type(filter_obj).__name__}) cannot be pickled for a worker: "

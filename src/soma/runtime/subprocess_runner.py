@@ -39,6 +39,7 @@ from soma.isolation.process import Child
 from soma.isolation.spec import ChildSpec
 from soma.isolation.values import materialise
 from soma.runtime.batching import BatchCallback
+from soma.runtime.filter_pickles import pickle_filter
 from soma.runtime.runners import RunnerSpec
 from soma.runtime.usercode import register_by_value
 
@@ -152,7 +153,7 @@ class SubprocessRunner:
             filter_obj = self._spec.filters[node_id]
             register_by_value(filter_obj)
             try:
-                data = cloudpickle.dumps(filter_obj, protocol=5)
+                data = pickle_filter(filter_obj)
             except Exception as exc:
                 raise SomaError(
                     f"cannot pickle the filter of node `{node_id}` ({type(filter_obj).__name__}) for the "
