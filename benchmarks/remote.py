@@ -24,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -65,12 +66,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_worker(port: int) -> tuple[subprocess.Popen[bytes], float]:
-    """Start ``soma-worker`` and return it with the seconds until ``/health`` answered ``ok``."""
+def start_worker(port: int, directory: str) -> tuple[subprocess.Popen[bytes], float]:
+    """Start ``soma-worker`` with its store and work dirs in ``directory``; return it with the seconds
+    until ``/health`` answered ``ok``."""
     command = [sys.executable, "-c", "import sys; from soma.worker.cli import main; sys.exit(main())"]
+    dirs = ["--temp-dir", f"{directory}/temp", "--work-dir", f"{directory}/work"]
     start = time.perf_counter()
     proc = subprocess.Popen(
-        [*command, "--port", str(port), "--token", TOKEN, "--max-concurrent", "2", "--log-level", "warning"],
+        [*command, "--port", str(port), "--token", TOKEN, "--max-concurrent", "2", "--log-level", "warning", *dirs],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -132,8 +135,13 @@ def concurrent(address: str) -> float:
 
 
 def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="soma-benchmark-") as directory:
+        measure(directory)
+
+
+def measure(directory: str) -> None:
     port = free_port()
-    proc, startup = start_worker(port)
+    proc, startup = start_worker(port, directory)
     address = f"ws://127.0.0.1:{port}"
     try:
         small(address)  # connection, children and code paths warm

@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import _remote_filters as rf
@@ -21,8 +22,8 @@ from soma.errors import RemoteError
 
 
 @pytest.fixture
-def worker_process(free_port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """A ``soma-worker`` in its own process, ready to be killed."""
+def worker_process(free_port: int, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A ``soma-worker`` in its own process, ready to be killed (its store and work dirs go with ``tmp_path``)."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -30,6 +31,10 @@ def worker_process(free_port: int) -> Iterator[subprocess.Popen[bytes]]:
             "import sys; from soma.worker.cli import main; sys.exit(main())",
             "--port",
             str(free_port),
+            "--temp-dir",
+            str(tmp_path / "temp"),
+            "--work-dir",
+            str(tmp_path / "work"),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

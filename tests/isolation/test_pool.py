@@ -9,6 +9,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import cloudpickle
@@ -251,9 +252,10 @@ _OWNER = textwrap.dedent(
     from soma.isolation.pool import Pool
     from soma.isolation.spec import ChildSpec
 
+    spec = ChildSpec(work_root=sys.argv[1])
     pool = Pool()
-    pool.prewarm(ChildSpec(), 2)
-    busy = pool.checkout(ChildSpec())
+    pool.prewarm(spec, 2)
+    busy = pool.checkout(spec)
     child = busy.__enter__()
     print(child.pid, flush=True)
     time.sleep(120)
@@ -262,9 +264,9 @@ _OWNER = textwrap.dedent(
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
-def test_no_child_outlives_a_parent_killed_by(signum: int) -> None:
+def test_no_child_outlives_a_parent_killed_by(signum: int, tmp_path: Path) -> None:
     """isolation.md §10 item 27 (second half): prewarmed and busy children both die with the parent."""
-    owner = subprocess.Popen([sys.executable, "-c", _OWNER], stdout=subprocess.PIPE)
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, str(tmp_path)], stdout=subprocess.PIPE)
     try:
         assert owner.stdout is not None
         busy_pid = int(owner.stdout.readline())
