@@ -11,7 +11,7 @@ from pathlib import Path
 
 import _execute_filters as F
 import pytest
-from _execute_support import RecordingConnection, chain, filt, fit_mode, plan, rig, success
+from _execute_support import RecordingConnection, chain, failure, filt, fit_mode, plan, rig, success
 
 from soma.isolation.pool import Pool, PoolStats
 from soma.runtime.cache import Cache, DiskTier
@@ -195,6 +195,23 @@ async def test_a_plan_the_cache_serves_whole_takes_no_child(tmp_path: Path) -> N
         assert view.states == first.states and view.output == [-1.0, 1.0]
         after = await _settled(r.pool)
         assert after.spawned == 1 and after.kills.get("max_tasks") == 1
+
+
+async def test_a_plan_the_cache_serves_waits_its_turn_for_a_slot_and_can_be_cancelled_there(tmp_path: Path) -> None:
+    conn = RecordingConnection()
+    async with rig(tmp_path, max_concurrent=1) as r:
+        cached = plan(chain("n"), [filt("n", F.Doubler(), out_key=K1)], input=[1])
+        assert _client_view(await r.run(cached)).output == [2]
+        running = asyncio.create_task(r.run(plan(chain("s"), [filt("s", F.Sleeper(1.0))], input=[1]), conn))
+        await asyncio.sleep(0.3)
+        queued_msg = plan(chain("n"), [filt("n", F.Doubler(), out_key=K1)], input=[1])
+        queued = asyncio.create_task(r.run(queued_msg, conn))
+        await asyncio.sleep(0.1)
+        assert r.executor.status()["queue_depth"] == 1 and not queued.done()
+        assert await r.executor.cancel(queued_msg.plan.plan_id, conn)
+        assert failure(await queued).error.code == "cancelled"
+        success(await running)
+        assert _client_view(await r.run(cached)).output == [2] and r.executor.status()["free_slots"] == 1
 
 
 async def test_a_plan_the_cache_was_to_serve_takes_a_child_when_an_entry_is_gone(

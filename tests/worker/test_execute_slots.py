@@ -77,6 +77,22 @@ async def test_cancelling_a_waiter_dequeues_it_and_loses_no_permit() -> None:
     assert slots.free == 1
 
 
+async def test_a_slot_is_taken_at_once_only_when_free_and_nobody_waits() -> None:
+    slots = Slots(1, max_queue=5, queue_timeout=5)
+    permit = slots.acquire_now()
+    assert permit is not None and permit.held and slots.free == 0
+    assert slots.acquire_now() is None and slots.queue_depth == 0  # nothing queued by asking
+    waiter = asyncio.create_task(slots.acquire())
+    await asyncio.sleep(0.01)
+    permit.release()  # handed to the waiter, not left for whoever asks next
+    assert slots.acquire_now() is None
+    (await waiter).release()
+    again = slots.acquire_now()
+    assert again is not None
+    again.release()
+    assert slots.free == 1
+
+
 async def test_release_is_idempotent() -> None:
     slots = Slots(1, max_queue=1, queue_timeout=1)
     permit = await slots.acquire()

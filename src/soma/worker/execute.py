@@ -192,6 +192,16 @@ class PlanExecutor:
             return self._refusal(msg, dialect, refusal)
         run = _PlanRun(self, spec, msg, conn, session, received)
         self._runs[key] = run
+        if session is None and not spec.keep and served_by_cache(spec, self._cache):
+            # No child will need resetting after the reply, so the plan runs in this task: a
+            # cached plan saves the task and the wait below, a good part of its time here.
+            try:
+                return await run.execute()
+            except asyncio.CancelledError:
+                run.cancel("the request was abandoned")
+                raise
+            finally:
+                self._runs.pop(key, None)
         task = self._spawn(run.execute())
         try:
             # ``answered`` comes before the task ends when the child is reset for the pool after the reply.
@@ -461,8 +471,10 @@ class _PlanRun:
         lease: GpuLease | None = None
         try:
             try:
-                self._acquiring = asyncio.ensure_future(ex._slots.acquire())
-                permit = await self._acquiring
+                permit = ex._slots.acquire_now()
+                if permit is None:  # wait in the queue, in a task that cancel() can end
+                    self._acquiring = asyncio.ensure_future(ex._slots.acquire())
+                    permit = await self._acquiring
                 if self.spec.resources.gpus:
                     self._acquiring = asyncio.ensure_future(ex._gpus.acquire(self.spec.resources.gpus))
                     lease = await self._acquiring

@@ -59,8 +59,9 @@ class _FifoPool:
     async def take(self, count: int) -> tuple[str, ...]:
         if count > len(self.items):
             raise SomaConfigError(f"asked for {count} {self.what}, only {len(self.items)} exist")
-        if not self.waiters and len(self.free) >= count:
-            return self._grab(count)
+        taken = self.take_now(count)
+        if taken is not None:
+            return taken
         if self.max_queue is not None and len(self.waiters) >= self.max_queue:
             raise ResourceBusy(
                 f"all {len(self.items)} {self.what} are busy and {len(self.waiters)} requests already wait "
@@ -85,6 +86,12 @@ class _FifoPool:
             else:
                 self._forget(waiter)
             raise
+
+    def take_now(self, count: int) -> tuple[str, ...] | None:
+        """``count`` items if they are free and nobody waits before us, else ``None`` (nothing queued)."""
+        if not self.waiters and len(self.free) >= count:
+            return self._grab(count)
+        return None
 
     def give(self, items: Sequence[str]) -> None:
         self.free.extend(items)
@@ -173,6 +180,11 @@ class Slots:
     async def acquire(self) -> Permit:
         """Wait (FIFO) for a slot. Raises ``ResourceBusy`` when the queue is full or the wait too long."""
         return Permit(self._pool, await self._pool.take(1))
+
+    def acquire_now(self) -> Permit | None:
+        """A slot if one is free and nobody is queued for one, else ``None``: no waiting, nothing queued."""
+        taken = self._pool.take_now(1)
+        return None if taken is None else Permit(self._pool, taken)
 
 
 @dataclass(frozen=True)
