@@ -31,6 +31,19 @@ class Offset(Filter):
         return [v - state["offset"] for v in x]
 
 
+class Plus(Filter):
+    """Stateless: adds ``amount`` to an array."""
+
+    _kind = "stateless"
+    amount: float
+
+    def __init__(self, amount: float = 0.0) -> None:
+        super().__init__(amount=amount)
+
+    def forward(self, x: Any, state: Any) -> Any:
+        return x + self.amount
+
+
 class Keys(Filter):
     """Stateless fan-in that reports what it received."""
 

@@ -63,6 +63,20 @@ def test_a_frame_the_worker_lost_is_uploaded_again(worker: CountingWorker, clien
     assert client.download(again) == [1.5] * 1000
 
 
+def test_an_upload_is_found_by_its_content_digest_while_the_worker_holds_it(
+    worker: CountingWorker, client: RemoteClient
+) -> None:
+    content = hashlib.sha256(b"the value's canonical encoding").digest()
+    assert client.held_upload(content) is None and worker.requests == []  # never uploaded: no request
+    ref = client.upload_frame(v2.encode_value_frame_parts([2.5] * 1000), content=content)
+    assert client.held_upload(content) == ref
+    assert worker.requests == ["POST", "HEAD"]
+    worker.store.clear()
+    assert client.held_upload(content) is None  # gone from the worker, and forgotten here
+    assert client.held_upload(content) is None
+    assert worker.requests == ["POST", "HEAD", "HEAD"]
+
+
 def test_different_frames_are_each_uploaded(worker: CountingWorker, client: RemoteClient) -> None:
     one = client.upload_frame(v2.encode_value_frame_parts(np.zeros(1000)))
     two = client.upload_frame(v2.encode_value_frame_parts(np.ones(1000)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 from typing import Any
 
 import _remote_filters as rf
@@ -12,7 +13,7 @@ import pytest
 
 from soma import Graph, Worker
 from soma.client import sync_client
-from soma.client.sync_client import client_for
+from soma.client.sync_client import client_for, close_all
 from soma.errors import (
     ChildError,
     ChildTimeoutError,
@@ -191,9 +192,9 @@ def test_large_values_travel_by_reference_once_per_run(
     uploads: list[int] = []
     original = sync_client.RemoteClient.upload_frame
 
-    def counting(self: sync_client.RemoteClient, frame: Any) -> CachedRef:
+    def counting(self: sync_client.RemoteClient, frame: Any, **options: Any) -> CachedRef:
         uploads.append(sum(memoryview(part).nbytes for part in frame))
-        return original(self, frame)
+        return original(self, frame, **options)
 
     monkeypatch.setattr(sync_client.RemoteClient, "upload_frame", counting)
     x = np.linspace(0.0, 1.0, 1_400_000)  # 11.2 MB, above the 10 MiB inline threshold
@@ -217,6 +218,44 @@ def test_large_values_travel_by_reference_once_per_run(
     local.fit(x)
     np.testing.assert_array_equal(out, local.forward(x))
     assert graph.get_state("last") == local.get_state("last")
+
+
+def test_a_large_input_uploaded_by_an_earlier_run_is_neither_encoded_nor_sent_again(
+    worker_token: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from soma.client import remote
+
+    encoded: list[int] = []
+    uploads: list[int] = []
+    measure, upload = remote.measured, sync_client.RemoteClient.upload_frame
+
+    def measuring(value: Any) -> Any:
+        size, parts = measure(value)
+        encoded.append(size)
+        return size, parts
+
+    def counting(self: sync_client.RemoteClient, frame: Any, **options: Any) -> CachedRef:
+        uploads.append(sum(memoryview(part).nbytes for part in frame))
+        return upload(self, frame, **options)
+
+    monkeypatch.setattr(remote, "measured", measuring)
+    monkeypatch.setattr(sync_client.RemoteClient, "upload_frame", counting)
+    x = np.linspace(0.0, 1.0, 1_400_000)  # 11.2 MB, above the 10 MiB inline threshold
+    with Worker(port=0, token=worker_token, temp_dir=tmp_path / "temp", work_dir=tmp_path / "work") as worker:
+        for amount in (1.0, 2.0):  # the second graph hits no cache, but its input is on the worker
+            graph = remote_graph(worker, worker_token)
+            graph.node(rf.Plus(amount))
+            graph.fit(x[:3])
+            np.testing.assert_array_equal(graph.forward(x), x + amount)
+        assert len(uploads) == 1 and sum(size > 2**20 for size in encoded) == 1
+        for stored in (tmp_path / "temp" / "store").iterdir():
+            stored.unlink()  # swept meanwhile: the input is sent again
+        graph = remote_graph(worker, worker_token)
+        graph.node(rf.Plus(3.0))
+        graph.fit(x[:3])
+        np.testing.assert_array_equal(graph.forward(x), x + 3.0)
+        assert len(uploads) == 2
+        close_all()
 
 
 def test_a_failed_download_raises(worker: Worker, worker_token: str) -> None:

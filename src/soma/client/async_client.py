@@ -78,7 +78,7 @@ V2_PATH_CONTENT_TYPE = "application/vnd.soma.v2.path+json"
 
 FrameCallback = Callable[[Reply], object]
 _REMEMBERED_UPLOADS = 256
-"""How many uploaded frames a client remembers, to reuse their references (``upload_frame``)."""
+"""How many uploads (by frame or content digest) a client remembers, to reuse their references (``upload_frame``)."""
 _HASH_OFF_LOOP = 4 << 20
 """Frames at least this large are digested on a thread, not on the client's event loop."""
 _NON_TERMINAL = (Event, JobProgress)
@@ -125,7 +125,8 @@ class AsyncRemoteClient:
         self._send_lock = asyncio.Lock()
         self._last_frame = 0.0
         self._background: set[asyncio.Task[None]] = set()
-        # Frames uploaded lately, by digest, with the worker's reference (see upload_frame).
+        # Values uploaded lately, by the digest of their frame or of their content (see
+        # upload_frame), with the worker's reference.
         self._uploads: collections.OrderedDict[bytes, CachedRef] = collections.OrderedDict()
 
     def __repr__(self) -> str:
@@ -392,23 +393,52 @@ class AsyncRemoteClient:
 
     # -- HTTP -----------------------------------------------------------------------------
 
-    async def upload_frame(self, frame: Body) -> CachedRef:
+    async def upload_frame(self, frame: Body, *, content: bytes | None = None) -> CachedRef:
         """Store one encoded value frame on the worker; returns its reference.
 
         ``frame`` is ``v2.encode_value_frame(value)`` or its parts
         (``v2.encode_value_frame_parts``), which are streamed without being joined. A frame
         this client uploaded lately is not sent again while the worker still holds it
         (``HEAD /download`` says so): runs repeated on the same data upload it once.
+        ``content``, the value's ``soma.runtime.hashing.content`` digest where known, lets
+        :meth:`held_upload` find the upload before the value is encoded again.
         """
         parts: list[bytes | memoryview] = [frame] if isinstance(frame, bytes) else list(frame)
         size = sum(memoryview(part).nbytes for part in parts)
         digest = await asyncio.to_thread(parts_digest, parts) if size >= _HASH_OFF_LOOP else parts_digest(parts)
+        ref = await self._held(digest)
+        if ref is None:
+            ref = await self._post_upload(frame)
+        self._remember_upload(digest, ref)
+        if content is not None:
+            self._remember_upload(content, ref)
+        return ref
+
+    def remembers_upload(self, content: bytes) -> bool:
+        """Whether a value of this ``content`` digest was uploaded lately (no I/O: it may be gone since)."""
+        return content in self._uploads
+
+    async def held_upload(self, content: bytes) -> CachedRef | None:
+        """The reference of a value of this ``content`` digest uploaded lately, if the worker still holds it."""
+        return await self._held(content)
+
+    async def _held(self, digest: bytes) -> CachedRef | None:
         known = self._uploads.get(digest)
-        if known is not None:
-            if await self._holds(known):
-                self._uploads.move_to_end(digest)
-                return known
-            del self._uploads[digest]
+        if known is None:
+            return None
+        if await self._holds(known):
+            self._uploads.move_to_end(digest)
+            return known
+        self._uploads.pop(digest, None)
+        return None
+
+    def _remember_upload(self, digest: bytes, ref: CachedRef) -> None:
+        self._uploads[digest] = ref
+        self._uploads.move_to_end(digest)
+        while len(self._uploads) > _REMEMBERED_UPLOADS:
+            self._uploads.popitem(last=False)
+
+    async def _post_upload(self, frame: Body) -> CachedRef:
         response = await self._transport.request(
             "POST",
             f"{self._http}/upload",
@@ -420,15 +450,11 @@ class AsyncRemoteClient:
             raise _http_error(response, f"upload to {self._http}")
         try:
             document = json.loads(bytes(response.body))
-            ref = CachedRef(cache_key=document["cache_key"], size=document.get("size"))
+            return CachedRef(cache_key=document["cache_key"], size=document.get("size"))
         except (ValueError, KeyError, TypeError) as exc:
             raise ProtocolError(
                 f"worker {self._http} answered an upload with {bytes(response.body[:200])!r}"
             ) from exc
-        self._uploads[digest] = ref
-        while len(self._uploads) > _REMEMBERED_UPLOADS:
-            self._uploads.popitem(last=False)
-        return ref
 
     async def _holds(self, ref: CachedRef) -> bool:
         """Whether the worker still stores ``ref`` (it may have swept it, or restarted)."""

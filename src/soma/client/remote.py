@@ -167,12 +167,12 @@ class WorkerRunner:
         return f"{request.run_id}.{number}.{block}"[:128]
 
     def _serialize(self, request: BlockRequest, client: RemoteClient, threshold: int) -> SerializedPlan:
-        def carried(value: Any) -> Any:
+        def carried(value: Any, content: bytes | None = None) -> Any:
             with self._lock:
                 known = self._uploaded.get(id(value))
             if known is not None and known[0] is value:
                 return known[1]
-            sent = _carried(client, value, threshold)
+            sent = _carried(client, value, threshold, content)
             if isinstance(sent, CachedRef):
                 with self._lock:
                     self._uploaded[id(value)] = (value, sent)
@@ -200,11 +200,13 @@ class WorkerRunner:
                 )
             )
             requirements.update(node.requirements)
-        mode: Any = FitMode(y=carried(request.y), batch_size=request.batch_size) if fit else "Forward"
+        mode: Any = "Forward"
+        if fit:
+            mode = FitMode(y=carried(request.y, request.y_digest), batch_size=request.batch_size)
         return SerializedPlan(
             plan_id=self._plan_id(request),
             plan=request.block.plan.to_dict(),
-            input=carried(request.x) if request.has_roots else None,
+            input=carried(request.x, request.x_digest) if request.has_roots else None,
             filters=filters,
             mode=mode,
             metadata={},
@@ -286,13 +288,21 @@ def _pickle_filter(node_id: str, filter_obj: Any) -> bytes:
     return data
 
 
-def _carried(client: RemoteClient, value: Any, threshold: int) -> Any:
-    """``value`` itself, or a reference to an uploaded copy when its encoded size reaches ``threshold``."""
+def _carried(client: RemoteClient, value: Any, threshold: int, content: bytes | None = None) -> Any:
+    """``value`` itself, or a reference to an uploaded copy when its encoded size reaches ``threshold``.
+
+    With the value's ``content`` digest, an upload of the same content that the worker still
+    holds is reused without encoding the value again.
+    """
+    if content is not None:
+        held = client.held_upload(content)
+        if held is not None:
+            return held
     try:
         size, parts = measured(value)
     except WireError as exc:
         raise RemoteError(f"a value cannot be sent to a worker: {exc.message}", code=exc.code) from exc
-    return value if size < threshold else client.upload_frame(parts)
+    return value if size < threshold else client.upload_frame(parts, content=content)
 
 
 def measured(value: Any) -> tuple[int, list[bytes | memoryview]]:

@@ -179,9 +179,21 @@ class RemoteClient:
         """Store ``value`` on the worker; its reference."""
         return self._call(self._core.upload(value))
 
-    def upload_frame(self, frame: Body) -> CachedRef:
-        """Store an already encoded value frame (bytes or its parts) on the worker; its reference."""
-        return self._call(self._core.upload_frame(frame))
+    def upload_frame(self, frame: Body, *, content: bytes | None = None) -> CachedRef:
+        """Store an already encoded value frame (bytes or its parts) on the worker; its reference.
+
+        ``content`` is the value's content digest, where known (see :meth:`held_upload`).
+        """
+        return self._call(self._core.upload_frame(frame, content=content))
+
+    def held_upload(self, content: bytes) -> CachedRef | None:
+        """The reference of a value of this content digest uploaded lately, if the worker still holds it.
+
+        Asks the worker only about a value uploaded lately; otherwise answers at once.
+        """
+        if not self._core.remembers_upload(content):
+            return None
+        return self._call(self._core.held_upload(content))
 
     def download(self, ref: DataRef) -> Any:
         """The value stored under ``ref``; raises ``RemoteError`` when it cannot be fetched."""

@@ -528,6 +528,8 @@ class Run:
             seed=self.seed,
             timeout=self.timeout,
             events=self.hub.active,
+            x_digest=self.keys.data_digest("x"),
+            y_digest=self.keys.data_digest("y"),
         )
         result = self._remotes[step.target].run_block(request, self.hub.emit)
         self.outputs.update(result.outputs)

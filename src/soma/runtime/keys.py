@@ -146,6 +146,10 @@ class KeyBook:
             )
         return digest
 
+    def data_digest(self, name: str) -> bytes | None:
+        """``content`` of the run's x or y (``name``) if a key needed it already, else ``None``."""
+        return self._data.get(name)
+
     def params(self, nid: str) -> bytes | None:
         """``content`` of the node's current parameters (read at each run), ``None`` if unhashable."""
         if nid in self._params:

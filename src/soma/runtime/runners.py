@@ -175,6 +175,10 @@ class BlockRequest:
     timeout: float | None
     #: Whether anyone listens to the run's events: if not, the worker need not stream them.
     events: bool = True
+    #: ``content`` of x and y where the run's cache keys computed it (``None`` otherwise): a
+    #: worker still holding an upload of the same content need not be sent it again.
+    x_digest: bytes | None = None
+    y_digest: bytes | None = None
 
 
 @dataclass(frozen=True)
