@@ -93,9 +93,9 @@ class Codec:
         A worker-side codec accepts only requests and a client-side one only replies:
         a message travelling the wrong way is ``bad_message``.
         """
-        from soma.wire import v1, v2
-
         if self.dialect == "v1":
+            from soma.wire import v1
+
             message = v1.decode(data)
             self._check_direction(message.type, None)
             plan = _plan_of(message)
@@ -106,6 +106,8 @@ class Codec:
             return message
         if isinstance(data, str):
             raise WireError("bad_message", "text frames are not part of wire v2; send binary frames")
+        from soma.wire import v2
+
         head = v2.read_head(data)
         request_id = head.id if isinstance(head.id, str) else None
         try:
@@ -133,7 +135,10 @@ class Codec:
             raise WireError("bad_message", f"{kind} is {wrong}", request_id=request_id)
 
 
+_PLANNED = (AssignPlan, StreamBegin)
+
+
 def _plan_of(message: Request | Reply) -> SerializedPlan | None:
-    if isinstance(message, AssignPlan | StreamBegin):
+    if isinstance(message, _PLANNED):
         return message.plan
     return None

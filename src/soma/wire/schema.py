@@ -5,6 +5,12 @@ floats where the hint says so); fields marked with a ``kind`` are handed to the
 dialect's :class:`FieldCodec`, which converts values, states, plans, modes, results,
 pickles and cache keys its own way. Unknown keys are ignored and logged at DEBUG,
 as worker.md §5.1 asks, so additive fields never break an older peer.
+
+Control messages are decoded and encoded per frame, so each record class gets, once
+per dialect, a decoder and an encoder compiled from its fields: straight-line code
+that converts well-formed input and refuses anything else without saying why. A
+refusal reruns the record through the checking walk, which builds the paths and
+raises the located ``WireError``; only broken input pays for paths.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, Protocol
 
 from soma.log import wire_logger
@@ -48,10 +54,23 @@ def wire_fields(cls: type[Record], dialect: str) -> list[dataclasses.Field[Any]]
 
 
 class _Mismatch(Exception):
-    """A compiled converter's refusal; the checking walk then names what is wrong and where."""
+    """A compiled decoder's refusal; the checking walk then names what is wrong and where."""
 
 
-_Convert = Callable[[Any, "FieldCodec"], Any]
+_Convert = Callable[[Any, FieldCodec], Any]
+_Encode = Callable[[Any, FieldCodec], dict[str, Any]]
+
+
+class _Decode(Protocol):
+    """A compiled decoder: the record of a wire map, or ``_Mismatch``/``WireError`` if it is broken."""
+
+    def __call__(self, data: Any, codec: FieldCodec, given: Mapping[str, Any] = ..., /) -> Any: ...
+
+_NOTHING: Mapping[str, Any] = types.MappingProxyType({})
+# Values the encoders pass through as they are (``_plain_out`` rebuilds records, lists and tuples).
+_NATIVE = frozenset({str, int, float, bool, bytes, type(None), dict})
+_EXACT = (str, int, bool, bytes)
+"""Hints whose values are checked by exact type alone."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +82,8 @@ class _Slot:
     optional: bool
     kind: str | None
     hint: Any
-    convert: _Convert
+    default: Any
+    factory: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +96,7 @@ _LAYOUTS: dict[tuple[type, str], _Layout] = {}
 
 
 def _layout(cls: type[Record], dialect: str) -> _Layout:
-    """The wire fields of ``cls`` in ``dialect``, computed once per class (messages are decoded per frame)."""
+    """The wire fields of ``cls`` in ``dialect``, computed once per class."""
     layout = _LAYOUTS.get((cls, dialect))
     if layout is None:
         hints = typing.get_type_hints(cls)
@@ -87,7 +107,8 @@ def _layout(cls: type[Record], dialect: str) -> _Layout:
                 optional=bool(f.metadata.get("optional")),
                 kind=f.metadata.get("kind"),
                 hint=hints[f.name],
-                convert=_compiled(hints[f.name]),
+                default=f.default,
+                factory=f.default_factory,
             )
             for f in wire_fields(cls, dialect)
         )
@@ -95,8 +116,20 @@ def _layout(cls: type[Record], dialect: str) -> _Layout:
     return layout
 
 
+# --------------------------------------------------------------------------- records to maps
+
+
 def record_to_map(record: Record, codec: FieldCodec, path: str = "") -> dict[str, Any]:
     """The wire map of a record, in field order, without ``type``, ``id`` or ``re``."""
+    try:
+        return _encoder(type(record), codec.dialect)(record, codec)
+    except WireError:
+        # The compiled encoder passes no paths; the walk redoes the record to locate the error.
+        return _checked_map(record, codec, path)
+
+
+def _checked_map(record: Record, codec: FieldCodec, path: str) -> dict[str, Any]:
+    """What the compiled encoder does, with the path of every field at hand for errors."""
     out: dict[str, Any] = {}
     for slot in _layout(type(record), codec.dialect).slots:
         value = getattr(record, slot.name)
@@ -104,10 +137,8 @@ def record_to_map(record: Record, codec: FieldCodec, path: str = "") -> dict[str
             continue
         if slot.kind:
             out[slot.name] = codec.encode_field(slot.kind, value, _at(path, slot.name))
-        elif isinstance(value, Record | list | tuple):
-            out[slot.name] = _plain_out(value, codec, _at(path, slot.name))
         else:
-            out[slot.name] = value
+            out[slot.name] = _plain_out(value, codec, _at(path, slot.name))
     return out
 
 
@@ -119,17 +150,82 @@ def _plain_out(value: Any, codec: FieldCodec, path: str) -> Any:
     return value
 
 
-def record_from_map(cls: type[Record], data: Any, codec: FieldCodec, path: str = "") -> Any:
+def _plain_fast(value: Any, codec: FieldCodec) -> Any:
+    """``_plain_out`` without paths, for the compiled encoders."""
+    if isinstance(value, Record):
+        return _encoder(type(value), codec.dialect)(value, codec)
+    if isinstance(value, list | tuple):
+        return [item if type(item) in _NATIVE else _plain_fast(item, codec) for item in value]
+    return value
+
+
+_ENCODERS: dict[tuple[type, str], _Encode] = {}
+
+
+def _encoder(cls: type[Record], dialect: str) -> _Encode:
+    encode = _ENCODERS.get((cls, dialect))
+    if encode is None:
+        encode = _ENCODERS[(cls, dialect)] = _compile_encoder(cls, dialect)
+    return encode
+
+
+def _compile_encoder(cls: type[Record], dialect: str) -> _Encode:
+    """Straight-line ``_checked_map`` for ``cls``; kind fields get their name as a provisional path."""
+    slots = _layout(cls, dialect).slots
+    name = f"encode_{cls.__name__}_{dialect}"
+    lines = [f"def {name}(record, codec):"]
+    if any(slot.kind for slot in slots):
+        lines.append("    encode_field = codec.encode_field")
+    lines.append("    out = {}")
+    for slot in slots:
+        key = repr(slot.name)
+        lines.append(f"    value = record.{slot.name}")
+        if slot.kind:
+            value = f"encode_field({slot.kind!r}, value, {key})"
+        else:
+            value = "value if type(value) in native else plain(value, codec)"
+        if slot.optional:
+            lines += ["    if value is not None:", f"        out[{key}] = {value}"]
+        else:
+            lines.append(f"    out[{key}] = {value}")
+    lines.append("    return out")
+    return _define(lines, name, {"native": _NATIVE, "plain": _plain_fast})
+
+
+# --------------------------------------------------------------------------- maps to records
+
+
+def record_from_map(
+    cls: type[Record],
+    data: Any,
+    codec: FieldCodec,
+    path: str = "",
+    *,
+    given: Mapping[str, Any] | None = None,
+) -> Any:
     """Build ``cls`` from its wire map (or positional array where the codec allows it).
 
-    Missing required fields and ill-typed plain fields raise ``WireError("bad_message")``;
-    unknown keys are ignored with a DEBUG log.
+    ``given`` holds fields that do not travel in the map (a message's ``id`` or ``re``),
+    passed to the constructor as they are. Missing required fields and ill-typed plain
+    fields raise ``WireError("bad_message")``; unknown keys are ignored with a DEBUG log.
     """
-    layout = _layout(cls, codec.dialect)
     if codec.positional and isinstance(data, list):
-        if len(data) > len(layout.slots):
+        slots = _layout(cls, codec.dialect).slots
+        if len(data) > len(slots):
             raise WireError("bad_message", f"{path or cls.__name__}: too many positional fields")
-        data = {slot.name: item for slot, item in zip(layout.slots, data, strict=False)}
+        data = {slot.name: item for slot, item in zip(slots, data, strict=False)}
+    try:
+        return _decoder(cls, codec.dialect)(data, codec, given or _NOTHING)
+    except (_Mismatch, WireError):
+        # The walk raises the located error (or, for unknown keys, logs them and builds the record).
+        return _checked_record(cls, data, codec, path, given or _NOTHING)
+
+
+def _checked_record(
+    cls: type[Record], data: Any, codec: FieldCodec, path: str, given: Mapping[str, Any]
+) -> Any:
+    """What the compiled decoder does, naming what is wrong and where."""
+    layout = _layout(cls, codec.dialect)
     if not isinstance(data, dict):
         raise WireError("bad_message", f"{path or cls.__name__}: expected a map, got {_type_name(data)}")
     kwargs: dict[str, Any] = {}
@@ -144,15 +240,11 @@ def record_from_map(cls: type[Record], data: Any, codec: FieldCodec, path: str =
         elif slot.kind:
             kwargs[slot.name] = codec.decode_field(slot.kind, raw, _at(path, slot.name))
         else:
-            try:
-                kwargs[slot.name] = slot.convert(raw, codec)
-            except (_Mismatch, WireError):
-                # The checking walk says what is wrong, and where (it raises).
-                kwargs[slot.name] = _conform(raw, slot.hint, codec, _at(path, slot.name))
+            kwargs[slot.name] = _conform(raw, slot.hint, codec, _at(path, slot.name))
     if not layout.names.issuperset(data):
         unknown = [key for key in data if key not in layout.names]
         wire_logger.debug("ignoring unknown keys %s in %s", unknown, path or cls.__name__)
-    return cls(**kwargs)
+    return cls(**kwargs, **given)
 
 
 def _at(path: str, name: str) -> str:
@@ -163,23 +255,152 @@ def mode_from_map(raw: Any, codec: FieldCodec, path: str) -> Any:
     """A plan's ``mode``, the same in both dialects: ``"Forward"`` or ``{"Fit": {...}}``."""
     if raw == "Forward":
         return "Forward"
-    if isinstance(raw, dict) and set(raw) == {"Fit"}:
+    if isinstance(raw, dict) and len(raw) == 1 and "Fit" in raw:
         return record_from_map(FitMode, raw["Fit"], codec, f"{path}.Fit")
     raise WireError("bad_message", f'{path}: expected "Forward" or {{"Fit": ...}}')
 
 
-_CONVERTERS: dict[Any, _Convert] = {}
+_DECODERS: dict[tuple[type, str], _Decode] = {}
 
 
-def _compiled(hint: Any) -> _Convert:
+def _decoder(cls: type[Record], dialect: str) -> _Decode:
+    decode = _DECODERS.get((cls, dialect))
+    if decode is None:
+        decode = _DECODERS[(cls, dialect)] = _compile_decoder(cls, dialect)
+    return decode
+
+
+def _compile_decoder(cls: type[Record], dialect: str) -> _Decode:
+    """Straight-line ``_checked_record`` for ``cls`` that raises ``_Mismatch`` where the walk explains.
+
+    Unknown keys are a refusal too, so that the walk logs them under their path.
+    """
+    slots = _layout(cls, dialect).slots
+    name = f"decode_{cls.__name__}_{dialect}"
+    namespace: dict[str, Any] = {"cls": cls, "Mismatch": _Mismatch, "NOTHING": _NOTHING}
+    lines = [f"def {name}(data, codec, given=NOTHING):", "    if type(data) is not dict:"]
+    lines.append("        raise Mismatch")
+    if any(slot.kind for slot in slots):
+        lines.append("    decode_field = codec.decode_field")
+    lines.append("    found = 0")
+    for i, slot in enumerate(slots):
+        key, target = repr(slot.name), f"v{i}"
+        lines += [f"    if {key} in data:", f"        raw = data[{key}]", "        found += 1"]
+        if slot.kind:
+            convert = [f"{target} = decode_field({slot.kind!r}, raw, {key})"]
+            if slot.optional:
+                convert = _or_none(target, convert)
+        else:
+            hint = _nullable(slot.hint) if slot.optional else slot.hint
+            convert = _conversion(hint, target, f"hint{i}", namespace, dialect)
+        lines += [f"        {line}" for line in convert]
+        lines.append("    else:")
+        if slot.required:
+            lines.append("        raise Mismatch")
+        elif slot.factory is not dataclasses.MISSING:
+            namespace[f"make{i}"] = slot.factory
+            lines.append(f"        {target} = make{i}()")
+        else:
+            namespace[f"default{i}"] = slot.default
+            lines.append(f"        {target} = default{i}")
+    lines += ["    if found != len(data):", "        raise Mismatch"]
+    lines += _construction(cls, slots, namespace)
+    return _define(lines, name, namespace)
+
+
+def _construction(cls: type[Record], slots: tuple[_Slot, ...], namespace: dict[str, Any]) -> list[str]:
+    """Lines returning the record of the decoded ``v0``, ``v1``, ... and the ``given`` fields.
+
+    A frozen dataclass's ``__init__`` sets every field through ``object.__setattr__``, which
+    costs more than decoding a plain field; where ``__init__`` does nothing else, the record
+    gets its instance dict at once, in field order, as unpickling builds it.
+    """
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    decoded = {slot.name: f"v{i}" for i, slot in enumerate(slots)}
+    others = [f for f in fields if f.name not in decoded]
+    if (
+        hasattr(cls, "__post_init__")
+        or hasattr(cls, "__slots__")
+        or not all(f.init for f in fields)
+        or any(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING for f in others)
+    ):
+        arguments = "".join(f"{name}={value}, " for name, value in decoded.items())
+        return [f"    return cls({arguments}**given)"]
+    entries = []
+    for f in fields:
+        key = repr(f.name)
+        if f.name in decoded:
+            value = decoded[f.name]
+        elif f.default_factory is not dataclasses.MISSING:
+            namespace[f"make_{f.name}"] = f.default_factory
+            value = f"given[{key}] if {key} in given else make_{f.name}()"
+        else:
+            namespace[f"default_{f.name}"] = f.default
+            value = f"given.get({key}, default_{f.name})"
+        entries.append(f"{key}: {value}")
+    namespace["new"] = object.__new__
+    state = "{" + ", ".join(entries) + "}"
+    return ["    record = new(cls)", f"    record.__dict__.update({state})", "    return record"]
+
+
+def _nullable(hint: Any) -> Any:
+    """``hint`` with ``None`` allowed: what an optional field accepts."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        return hint
+    return hint | None
+
+
+def _or_none(target: str, convert: list[str]) -> list[str]:
+    return ["if raw is None:", f"    {target} = None", "else:", *(f"    {line}" for line in convert)]
+
+
+def _conversion(hint: Any, target: str, name: str, namespace: dict[str, Any], dialect: str) -> list[str]:
+    """Lines setting ``target`` from ``raw`` as ``_conform`` would, inlined for common hints."""
+    args = typing.get_args(hint)
+    if hint is Any:
+        return [f"{target} = raw"]
+    if hint in _EXACT:
+        namespace[name] = hint
+        return [f"if type(raw) is not {name}:", "    raise Mismatch", f"{target} = raw"]
+    if hint is float:
+        return [
+            "if type(raw) is float:",
+            f"    {target} = raw",
+            "elif type(raw) is int:",
+            f"    {target} = float(raw)",
+            "else:",
+            "    raise Mismatch",
+        ]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        (arm,) = (arm for arm in args if arm is not type(None))
+        return _or_none(target, _conversion(arm, target, name, namespace, dialect))
+    namespace[f"convert_{target}"] = _compiled(hint, dialect)
+    return [f"{target} = convert_{target}(raw, codec)"]
+
+
+def _define(lines: list[str], name: str, namespace: dict[str, Any]) -> Callable[..., Any]:
+    """The function ``name`` defined by the generated source ``lines``."""
+    exec(compile("\n".join(lines) + "\n", f"<soma.wire.schema {name}>", "exec"), namespace)
+    function: Callable[..., Any] = namespace[name]
+    return function
+
+
+# --------------------------------------------------------------------------- plain fields
+
+
+_CONVERTERS: dict[tuple[Any, str], _Convert] = {}
+
+
+def _compiled(hint: Any, dialect: str) -> _Convert:
     """A converter for ``hint`` that does what ``_conform`` does, without building paths.
 
     It raises ``_Mismatch`` (or a nested ``WireError``) where ``_conform`` raises; the
     caller then runs ``_conform`` for the located message.
     """
-    convert = _CONVERTERS.get(hint)
+    convert = _CONVERTERS.get((hint, dialect))
     if convert is None:
-        convert = _CONVERTERS[hint] = _make_converter(hint)
+        convert = _CONVERTERS[(hint, dialect)] = _make_converter(hint, dialect)
     return convert
 
 
@@ -187,13 +408,13 @@ def _identity(raw: Any, codec: FieldCodec) -> Any:
     return raw
 
 
-def _make_converter(hint: Any) -> _Convert:
+def _make_converter(hint: Any, dialect: str) -> _Convert:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if hint is Any:
         return _identity
     if origin in (typing.Union, types.UnionType):
-        return _union_converter(args)
+        return _union_converter(args, dialect)
     if origin is Literal:
         allowed = [(value, type(value)) for value in args]
 
@@ -204,10 +425,9 @@ def _make_converter(hint: Any) -> _Convert:
 
         return literal
     if origin in (list, tuple, dict):
-        return _container_converter(origin, args)
+        return _container_converter(origin, args, dialect)
     if isinstance(hint, type) and issubclass(hint, Record):
-        record: type[Record] = hint
-        return lambda raw, codec: record_from_map(record, raw, codec)
+        return _decoder(hint, dialect)
     if hint is float:
 
         def floating(raw: Any, codec: FieldCodec) -> Any:
@@ -218,7 +438,7 @@ def _make_converter(hint: Any) -> _Convert:
             raise _Mismatch
 
         return floating
-    if hint in (int, str, bool, bytes):
+    if hint in _EXACT:
         exact: type = hint
 
         def scalar(raw: Any, codec: FieldCodec) -> Any:
@@ -230,9 +450,9 @@ def _make_converter(hint: Any) -> _Convert:
     raise TypeError(f"unsupported field type {hint!r}")  # a schema declaring a type the walker does not know
 
 
-def _union_converter(args: tuple[Any, ...]) -> _Convert:
+def _union_converter(args: tuple[Any, ...], dialect: str) -> _Convert:
     nullable = type(None) in args
-    arms = [_compiled(arm) for arm in args if arm is not type(None)]
+    arms = [_compiled(arm, dialect) for arm in args if arm is not type(None)]
 
     def union(raw: Any, codec: FieldCodec) -> Any:
         if raw is None and nullable:
@@ -247,18 +467,11 @@ def _union_converter(args: tuple[Any, ...]) -> _Convert:
     return union
 
 
-def _container_converter(origin: Any, args: tuple[Any, ...]) -> _Convert:
+def _container_converter(origin: Any, args: tuple[Any, ...], dialect: str) -> _Convert:
     if origin is list:
-        item = _compiled(args[0])
-
-        def listed(raw: Any, codec: FieldCodec) -> Any:
-            if not isinstance(raw, list):
-                raise _Mismatch
-            return [item(value, codec) for value in raw]
-
-        return listed
+        return _list_converter(args[0], dialect)
     if origin is tuple:
-        arms = [_compiled(arm) for arm in args]
+        arms = [_compiled(arm, dialect) for arm in args]
 
         def tupled(raw: Any, codec: FieldCodec) -> Any:
             if not isinstance(raw, list | tuple) or len(raw) != len(arms):
@@ -266,7 +479,19 @@ def _container_converter(origin: Any, args: tuple[Any, ...]) -> _Convert:
             return tuple(arm(value, codec) for arm, value in zip(arms, raw, strict=True))
 
         return tupled
-    key_of, value_of = _compiled(args[0]), _compiled(args[1])
+    if args[0] in _EXACT and args[1] is Any:
+        exact: type = args[0]
+
+        def keyed(raw: Any, codec: FieldCodec) -> Any:
+            if not isinstance(raw, dict):
+                raise _Mismatch
+            for key in raw:
+                if type(key) is not exact:
+                    raise _Mismatch
+            return dict(raw)
+
+        return keyed
+    key_of, value_of = _compiled(args[0], dialect), _compiled(args[1], dialect)
 
     def mapped(raw: Any, codec: FieldCodec) -> Any:
         if not isinstance(raw, dict):
@@ -274,6 +499,29 @@ def _container_converter(origin: Any, args: tuple[Any, ...]) -> _Convert:
         return {key_of(key, codec): value_of(value, codec) for key, value in raw.items()}
 
     return mapped
+
+
+def _list_converter(hint: Any, dialect: str) -> _Convert:
+    if hint in _EXACT:
+        exact: type = hint
+
+        def scalars(raw: Any, codec: FieldCodec) -> Any:
+            if not isinstance(raw, list):
+                raise _Mismatch
+            for value in raw:
+                if type(value) is not exact:
+                    raise _Mismatch
+            return list(raw)
+
+        return scalars
+    item = _compiled(hint, dialect)
+
+    def listed(raw: Any, codec: FieldCodec) -> Any:
+        if not isinstance(raw, list):
+            raise _Mismatch
+        return [item(value, codec) for value in raw]
+
+    return listed
 
 
 def _conform(raw: Any, hint: Any, codec: FieldCodec, path: str) -> Any:

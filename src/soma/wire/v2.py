@@ -20,12 +20,13 @@ arrays (one copy at most), torch tensors where torch is importable, and objects.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import math
 import pickle
 import struct
 import sys
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
@@ -119,20 +120,32 @@ class _Encoder:
 
     def __init__(self) -> None:
         self.buffers: list[memoryview] = []
+        self._packers: list[msgpack.Packer] = []
+        self._depth = 0
+        self._hook = _default_hook(weakref.ref(self))
 
     def pack(self, value: Any) -> bytes:
         mark = len(self.buffers)
         try:
-            return self._packer().pack(value)  # type: ignore[no-any-return]
+            return self._pack(value)
         except OverflowError:
             del self.buffers[mark:]
-            return self._packer().pack(_wrap_big_ints(value))  # type: ignore[no-any-return]
+            return self._pack(_wrap_big_ints(value))
         except (TypeError, ValueError) as exc:
             raise WireError("encoding_error", f"value cannot be encoded: {exc}") from exc
 
-    def _packer(self) -> msgpack.Packer:
-        # A fresh packer per nesting level: ``default`` re-enters pack() for ext payloads.
-        return msgpack.Packer(default=self._default, use_bin_type=True, strict_types=True)
+    def _pack(self, value: Any) -> bytes:
+        # ``default`` re-enters pack() for ext payloads while the packer above is mid-value,
+        # so each nesting level has a packer of its own, kept for the next value at that level
+        # (a packer that raised has dropped what it had packed).
+        depth = self._depth
+        if depth == len(self._packers):
+            self._packers.append(msgpack.Packer(default=self._hook, use_bin_type=True, strict_types=True))
+        self._depth = depth + 1
+        try:
+            return self._packers[depth].pack(value)  # type: ignore[no-any-return]
+        finally:
+            self._depth = depth
 
     def _buffer(self, view: memoryview) -> int:
         self.buffers.append(view)
@@ -199,6 +212,21 @@ class _Encoder:
         return msgpack.ExtType(EXT_OPAQUE, self.pack([index, indices]))
 
 
+def _default_hook(encoder: weakref.ref[_Encoder]) -> Callable[[Any], Any]:
+    """``_Encoder._default`` for the encoder's packers, which must not hold the encoder itself.
+
+    A reference cycle would keep the encoder, and the buffers it collected, alive until
+    the next garbage collection instead of freeing them with the frame.
+    """
+
+    def default(value: Any) -> Any:
+        owner = encoder()
+        assert owner is not None, "only the encoder's own packers call this"
+        return owner._default(value)
+
+    return default
+
+
 def _raw_dtype(dtype: np.dtype[Any]) -> bool:
     """Whether arrays of ``dtype`` can travel as raw bytes plus ``dtype.str`` (else: pickled)."""
     return dtype.kind in _ARRAY_KINDS and dtype.fields is None and dtype.itemsize > 0
@@ -253,40 +281,64 @@ class _V2Fields:
         return value
 
     def decode_field(self, kind: str, raw: Any, path: str) -> Any:
-        match kind:
-            case "states" | "values":
-                return _str_map(raw, path)
-            case "gradients":
-                return {k: _str_map(v, f"{path}[{k!r}]") for k, v in _str_map(raw, path).items()}
-            case "plan":
-                return validate_plan(raw, path)
-            case "mode":
-                return mode_from_map(raw, self, path)
-            case "result":
-                if isinstance(raw, dict):
-                    cls = {"Success": PlanSuccess, "Failed": PlanFailure}.get(raw.get("status"))  # type: ignore[arg-type]
-                    if cls is not None:
-                        body = {k: v for k, v in raw.items() if k != "status"}
-                        return record_from_map(cls, body, self, path)
-                raise WireError("bad_message", f"{path}: expected a result with status Success or Failed")
-            case "pickle":
-                if type(raw) is not bytes:
-                    raise WireError("bad_message", f"{path}: expected bin")
-            case "cache_key":
-                if not (
-                    isinstance(raw, str) and len(raw) == 64 and all(c in "0123456789abcdef" for c in raw)
-                ):
-                    raise WireError("bad_message", f"{path}: expected 64 lowercase hex digits")
-        return raw
+        decode = _DECODE_KINDS.get(kind)
+        return raw if decode is None else decode(raw, path)
 
 
 _FIELDS = _V2Fields()
 
 
 def _str_map(raw: Any, path: str) -> dict[str, Any]:
-    if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
-        raise WireError("bad_message", f"{path}: expected a map with string keys")
+    if isinstance(raw, dict):
+        for key in raw:
+            if not isinstance(key, str):
+                break
+        else:
+            return raw
+    raise WireError("bad_message", f"{path}: expected a map with string keys")
+
+
+def _gradients(raw: Any, path: str) -> dict[str, Any]:
+    return {k: _str_map(v, f"{path}[{k!r}]") for k, v in _str_map(raw, path).items()}
+
+
+def _mode(raw: Any, path: str) -> Any:
+    return mode_from_map(raw, _FIELDS, path)
+
+
+def _result(raw: Any, path: str) -> Any:
+    if isinstance(raw, dict):
+        cls = _RESULTS.get(raw.get("status"))  # type: ignore[arg-type]
+        if cls is not None:
+            body = {k: v for k, v in raw.items() if k != "status"}
+            return record_from_map(cls, body, _FIELDS, path)
+    raise WireError("bad_message", f"{path}: expected a result with status Success or Failed")
+
+
+def _pickle(raw: Any, path: str) -> Any:
+    if type(raw) is not bytes:
+        raise WireError("bad_message", f"{path}: expected bin")
     return raw
+
+
+def _cache_key(raw: Any, path: str) -> Any:
+    if not (isinstance(raw, str) and len(raw) == 64 and all(c in "0123456789abcdef" for c in raw)):
+        raise WireError("bad_message", f"{path}: expected 64 lowercase hex digits")
+    return raw
+
+
+_RESULTS: dict[str, type[Record]] = {"Success": PlanSuccess, "Failed": PlanFailure}
+# Kinds without an entry (values, states, inputs, outputs) are msgpack-native as they arrive.
+_DECODE_KINDS: dict[str, Callable[[Any, str], Any]] = {
+    "states": _str_map,
+    "values": _str_map,
+    "gradients": _gradients,
+    "plan": validate_plan,
+    "mode": _mode,
+    "result": _result,
+    "pickle": _pickle,
+    "cache_key": _cache_key,
+}
 
 
 def encode_frame_parts(message: Request | Reply) -> list[Part]:
@@ -343,27 +395,31 @@ def measure_value_frame(value: Any) -> tuple[int, list[Part]]:
 
 
 _VALUE_HEAD = (("v", WIRE_VERSION), ("type", "Value"))
+_BUFFERS_KEY = msgpack.packb("buffers")
 _JOIN_BELOW = 64 << 10
 """Envelope chunks shorter than this are joined into their neighbours; longer ones stay parts."""
 
 
 def _assemble(envelope: dict[str, Any]) -> list[Part]:
+    # One packing for the whole map; its header is rewritten by _framed, which knows
+    # whether a ``buffers`` entry follows once the values have been packed.
     encoder = _Encoder()
-    pairs = [encoder.pack(key) + encoder.pack(value) for key, value in envelope.items()]
-    return _framed(len(envelope), pairs, encoder.buffers)
+    packed = encoder.pack(envelope)
+    pairs = memoryview(packed)[len(_map_header(len(envelope))) :]
+    return _framed(len(envelope), [pairs], encoder.buffers)
 
 
-def _framed(count: int, pairs: list[bytes], buffers: list[memoryview]) -> list[Part]:
+def _framed(count: int, pairs: list[Part], buffers: list[memoryview]) -> list[Part]:
     """The frame of an envelope of ``count`` packed ``pairs`` whose values point into ``buffers``.
 
     ``pairs`` are packed key/value chunks in order; a long one (a list of a million floats)
     becomes a part of its own instead of being copied into the header chunk.
     """
     if not buffers:
-        envelope = [msgpack.Packer().pack_map_header(count), *pairs]
+        envelope = [_map_header(count), *pairs]
         length = sum(len(chunk) for chunk in envelope)
         return _coalesced([_HEADER.pack(MAGIC, WIRE_VERSION, 0, 0, length), *envelope])
-    prefix = [msgpack.Packer().pack_map_header(count + 1), *pairs, msgpack.packb("buffers")]
+    prefix = [_map_header(count + 1), *pairs, _BUFFERS_KEY]
     prefix_length = sum(len(chunk) for chunk in prefix)
     start = _align(_HEADER.size + prefix_length + 16)
     while True:  # the offsets' encoded width feeds back into where the first buffer starts
@@ -387,10 +443,15 @@ def _framed(count: int, pairs: list[bytes], buffers: list[memoryview]) -> list[P
     return parts
 
 
-def _coalesced(chunks: list[bytes]) -> list[Part]:
+def _map_header(count: int) -> bytes:
+    """The msgpack header of a map of ``count`` entries."""
+    return bytes((0x80 | count,)) if count < 16 else msgpack.Packer().pack_map_header(count)
+
+
+def _coalesced(chunks: list[Part]) -> list[Part]:
     """``chunks`` with runs of short ones joined; long ones are kept as they are (no copy)."""
     parts: list[Part] = []
-    run: list[bytes] = []
+    run: list[Part] = []
     for chunk in chunks:
         if len(chunk) < _JOIN_BELOW:
             run.append(chunk)
@@ -453,16 +514,23 @@ def read_head(data: bytes | bytearray | memoryview) -> FrameHead:
         head = _scan(envelope)
     except _DECODE_ERRORS as exc:
         raise WireError("bad_message", f"undecodable envelope: {exc}") from exc
-    raw_buffers = head.get("buffers", [])
-    request_id = head.get("id") if isinstance(head.get("id"), str) else None
-    buffers = []
-    if not isinstance(raw_buffers, list):
+    request_id = head.get("id")
+    buffers = _buffers(head["buffers"], frame, end, request_id) if "buffers" in head else []
+    return FrameHead(head.get("v"), head.get("type"), request_id, head.get("re"), envelope, buffers, frame)
+
+
+def _buffers(table: Any, frame: memoryview, start: int, request_id: Any) -> list[memoryview]:
+    """The views an envelope's ``buffers: [[offset, length], ...]`` names, each checked."""
+    request_id = request_id if isinstance(request_id, str) else None
+    if not isinstance(table, list):
         raise WireError("bad_message", "envelope buffers must be a list", request_id=request_id)
-    for i, entry in enumerate(raw_buffers):
-        if not (isinstance(entry, list) and len(entry) == 2 and all(type(n) is int for n in entry)):
+    buffers = []
+    for i, entry in enumerate(table):
+        shaped = isinstance(entry, list) and len(entry) == 2
+        if not (shaped and type(entry[0]) is int and type(entry[1]) is int):
             raise WireError("bad_message", f"buffers[{i}] must be [offset, length]", request_id=request_id)
         offset, size = entry
-        if offset % ALIGNMENT or offset < end or size < 0 or offset + size > frame.nbytes:
+        if offset % ALIGNMENT or offset < start or size < 0 or offset + size > frame.nbytes:
             raise WireError(
                 "bad_message",
                 f"buffers[{i}] = [{offset}, {size}] is not a {ALIGNMENT}-aligned range after the envelope "
@@ -470,9 +538,7 @@ def read_head(data: bytes | bytearray | memoryview) -> FrameHead:
                 request_id=request_id,
             )
         buffers.append(frame[offset : offset + size])
-    return FrameHead(
-        head.get("v"), head.get("type"), head.get("id"), head.get("re"), envelope, buffers, frame
-    )
+    return buffers
 
 
 def _scan(envelope: memoryview) -> dict[str, Any]:
@@ -652,12 +718,7 @@ def _envelope(head: FrameHead, side: Side) -> dict[Any, Any]:
     return envelope
 
 
-def _checked_id(value: Any, key: str) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not 0 < len(value) <= _MAX_ID:
-        raise WireError("bad_message", f"envelope {key} must be a string of 1 to {_MAX_ID} characters")
-    return value
+_PLANNED = (AssignPlan, StreamBegin)
 
 
 def decode_message(head: FrameHead, side: Side) -> Request | Reply:
@@ -671,25 +732,25 @@ def decode_message(head: FrameHead, side: Side) -> Request | Reply:
         body = {k: v for k, v in envelope.items() if k not in _FRAME_KEYS}
         if head.type in ("Hello", "Welcome"):
             body["v"] = head.v
-        message = record_from_map(cls, body, _FIELDS)
-        key = "id" if isinstance(message, Request) else "re"
-        message = _with(message, key, _checked_id(envelope.get(key), key))
+        key = "id" if issubclass(cls, Request) else "re"
+        correlation = envelope.get(key)
+        valid = correlation is None or (isinstance(correlation, str) and 0 < len(correlation) <= _MAX_ID)
+        # A broken body is reported before a broken id.
+        message = record_from_map(cls, body, _FIELDS, given={key: correlation} if valid else None)
+        if not valid:
+            raise WireError("bad_message", f"envelope {key} must be a string of 1 to {_MAX_ID} characters")
     except WireError as exc:
         exc.request_id = exc.request_id or request_id
         raise
     except _DECODE_ERRORS as exc:
         raise WireError("bad_message", f"undecodable frame: {exc}", request_id=request_id) from exc
-    if isinstance(message, AssignPlan | StreamBegin):
+    if isinstance(message, _PLANNED):
         try:
             check_plan_id(message.plan.plan_id)
         except WireError as exc:
             exc.request_id, exc.plan_id = request_id, message.plan.plan_id
             raise
     return message  # type: ignore[no-any-return]
-
-
-def _with(message: Any, key: str, value: str | None) -> Any:
-    return message if value is None else dataclasses.replace(message, **{key: value})
 
 
 def decode(data: bytes | bytearray | memoryview, side: Side) -> Request | Reply:
