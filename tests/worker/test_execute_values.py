@@ -9,10 +9,13 @@ from typing import Any
 
 import _execute_filters as F
 import numpy as np
+import pytest
 from _execute_support import chain, failure, filt, fit_mode, plan, rig, success
 
+from soma.isolation.markers import Opaque
 from soma.wire import v1, v2
 from soma.wire.messages import CachedRef, LocalRef
+from soma.worker.references import encodes_quickly
 
 THRESHOLD = 4096
 
@@ -142,3 +145,30 @@ async def test_fits_on_inline_and_referenced_rows_give_equal_states(tmp_path: Pa
                 assert state["fitted"] is True and state["rows"] == n
                 np.testing.assert_array_equal(state["coef"], states[0]["coef"])
             np.testing.assert_allclose(states[0]["coef"], [1.0, -2.0, 0.5], atol=0.01)
+
+
+_SMALL_VALUES: list[Any] = [
+    None,
+    True,
+    2**70,  # beyond msgpack's ints: pickled
+    -(2**63),
+    float("nan"),
+    "ünïcode ✓" * 20,
+    b"\x00\xff" * 100,
+    np.arange(30, dtype=np.int16),
+    np.float32(1.5),
+    Opaque(data=b"p" * 300),
+    [1, [2.5, (3, "x")], {"k": [None, b"v"]}],
+    {"mean": 2.0, "rows": [[1.0] * 10] * 10},
+]
+
+
+@pytest.mark.parametrize("threshold", [64, 512, 4096, 10 << 20])
+def test_values_that_encode_quickly_travel_inline_in_v2_so_they_need_no_measuring(threshold: int) -> None:
+    # A plan's small results skip ``outbound``: that is right only if the quick check implies it.
+    for value in _SMALL_VALUES:
+        if not encodes_quickly([value], threshold):
+            continue
+        size, _ = v2.measure_value_frame(value)  # encodable in v2, and inline
+        assert size < threshold, value
+    assert encodes_quickly(_SMALL_VALUES, 10 << 20)

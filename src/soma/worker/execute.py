@@ -761,7 +761,8 @@ class _PlanRun:
         await walk.run()
         results = [walk.values[nid] for nid in self.spec.outputs] if self.spec.order else [self._input]
         if encodes_quickly([*results, *walk.states.values()], self._config.inline_threshold):
-            output, states = self._encode_results(walk)
+            # Small enough to go inline; v2 can carry whatever passed the check, so nothing is measured.
+            output, states = self._encode_results(walk, inline=self.spec.dialect == "v2")
         else:
             output, states = await ex._blocking(self._encode_results, walk)
         now = time.monotonic()
@@ -783,25 +784,23 @@ class _PlanRun:
 
     # -- results -----------------------------------------------------------------------------------
 
-    def _encode_results(self, walk: PlanWalk) -> tuple[Any, dict[str, Any]]:
-        """The output (§6.2) and states (§6.3), each inline or by reference (§4.5). Runs in a thread."""
+    def _encode_results(self, walk: PlanWalk, *, inline: bool = False) -> tuple[Any, dict[str, Any]]:
+        """The output (§6.2) and states (§6.3), each inline or by reference (§4.5). Runs in a thread
+        unless ``inline``: every value is known to travel inline, as it is."""
         spec = self.spec
         dialect = spec.dialect
         store, threshold = self._ex._store, self._config.inline_threshold
+
+        def sent(value: Any, *, state: bool = False) -> Any:
+            return value if inline else outbound(store, threshold, value, dialect, state=state)
+
         if not spec.order:
-            output = None if dialect == "v1" else self._input
-            return outbound(store, threshold, output, dialect), {}
+            return sent(None if dialect == "v1" else self._input), {}
         if len(spec.outputs) == 1:
-            output = outbound(store, threshold, walk.values[spec.outputs[0]], dialect)
+            output = sent(walk.values[spec.outputs[0]])
         else:
-            output = {
-                node_id: outbound(store, threshold, walk.values[node_id], dialect) for node_id in spec.outputs
-            }
-        states = {
-            node_id: outbound(store, threshold, state, dialect, state=True)
-            for node_id, state in walk.states.items()
-        }
-        return output, states
+            output = {node_id: sent(walk.values[node_id]) for node_id in spec.outputs}
+        return output, {node_id: sent(state, state=True) for node_id, state in walk.states.items()}
 
     def _failure_reply(self, info: ErrorInfo) -> PlanResult:
         worker_logger.info("plan %s failed: %s: %s", self.plan_id, info.code, info.message)

@@ -83,8 +83,6 @@ _QUICK_ITEMS = 256
 _QUICK_BYTES = 64 << 10
 
 
-
-
 def encodes_quickly(values: Sequence[Any], threshold: int) -> bool:
     """Whether ``values`` are so small that encoding them beats a thread hop, and none is stored.
 
