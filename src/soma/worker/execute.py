@@ -407,6 +407,7 @@ class _PlanRun:
         self._started = received
         self.child: Child | None = None
         self._child_spec: ChildSpec | None = None
+        self._lease: GpuLease | None = None
         self._checked_out = False
         self._pins = Pins(executor._store)
         self._input: Any = None
@@ -511,9 +512,7 @@ class _PlanRun:
         if a node turns out to need one after all (an entry evicted meanwhile).
         """
         ex = self._ex
-        resources = self.spec.resources
-        devices = lease.devices if lease is not None else (() if resources.gpus == 0 else None)
-        self._child_spec = ex.child_spec(threads=resources.threads, gpus=devices, memory=resources.memory)
+        self._lease = lease
         pinned: Child | None = None
         try:
             try:
@@ -547,12 +546,15 @@ class _PlanRun:
             if self._checked_out:
                 assert self.child is not None
                 self._detach_child()
+                assert self._child_spec is not None
                 await ex._give_back(self._child_spec.pool_key, self.child)
             self._observe()
 
     async def _take_child(self) -> None:
-        """Check a child out of the pool and LOAD the plan's filters into it."""
-        assert self._child_spec is not None
+        """Check a child out of the pool (of the plan's kind of child) and LOAD the plan's filters into it."""
+        resources, lease = self.spec.resources, self._lease
+        devices = lease.devices if lease is not None else (() if resources.gpus == 0 else None)
+        self._child_spec = self._ex.child_spec(threads=resources.threads, gpus=devices, memory=resources.memory)
         self.child = await self._ex._checkout(self._child_spec)
         self._checked_out = True
         if self.cancel_reason is not None:
