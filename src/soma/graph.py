@@ -362,9 +362,10 @@ class Graph:
         if phase == "forward" and cache is not None and self._hub.active:
             # Only RunStarted's plan summary shows Cached steps; an unobserved run skips
             # predicting them (Execute and Cached steps run the same way).
-            cached = self._predict_cached(shape, keys, cache)
+            placement = self._placement(shape)
+            cached = self._predict_cached(shape, keys, cache, placement)
             if cached:
-                plan = compile_plan(shape, cached=cached, placement=self._placement(shape))
+                plan = compile_plan(shape, cached=cached, placement=placement)
                 facts = PlanFacts.of(plan)
         return Run(
             phase=phase,
@@ -460,11 +461,19 @@ class Graph:
             return worker_id
         return None
 
-    def _predict_cached(self, shape: GraphShape, keys: KeyBook, cache: Cache) -> dict[str, str]:
+    def _predict_cached(
+        self, shape: GraphShape, keys: KeyBook, cache: Cache, placement: Mapping[str, str]
+    ) -> dict[str, str]:
+        """The nodes whose output ``cache`` holds for this run, with their keys: they become ``Cached`` steps.
+
+        A remotely placed node (in ``placement``) stays in its ``Remote`` block: the run serves
+        the block from this cache when it holds all of it, and an entry evicted meanwhile then
+        runs on the worker, never here.
+        """
         cached: dict[str, str] = {}
         for nid in shape.order:
             node = self._nodes[nid]
-            if not node.cacheable:
+            if not node.cacheable or nid in placement:
                 continue
             key = keys.predict(nid, {})
             if key is not None and not node.differentiable and cache.contains(key):
@@ -483,7 +492,7 @@ class Graph:
         cached: dict[str, str] = {}
         if mode == "inference" and x is not None and self._fitted and self._cache is not None:
             keys = KeyBook(shape, self._nodes, x=x, seed=self._seed, state_keys=self._state_keys)
-            cached = self._predict_cached(shape, keys, self._cache)
+            cached = self._predict_cached(shape, keys, self._cache, placement)
         plan = compile_plan(shape, cached=cached, placement=placement)
         unhashable = [
             nid for nid in shape.order if self._cache is not None and self._params_unhashable(nid)

@@ -258,6 +258,97 @@ def test_a_large_input_uploaded_by_an_earlier_run_is_neither_encoded_nor_sent_ag
         close_all()
 
 
+def _blocks_sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The phases of the Remote blocks sent to a worker from now on."""
+    from soma.client import remote
+
+    sent: list[str] = []
+    run_block = remote.WorkerRunner.run_block
+
+    def counting(self: Any, request: Any, emit: Any) -> Any:
+        sent.append(request.phase)
+        return run_block(self, request, emit)
+
+    monkeypatch.setattr(remote.WorkerRunner, "run_block", counting)
+    return sent
+
+
+@pytest.mark.parametrize("listening", [False, True], ids=["unobserved", "observed"])
+def test_a_remote_block_the_clients_cache_holds_is_served_like_a_local_node(
+    worker: Worker, worker_token: str, monkeypatch: pytest.MonkeyPatch, listening: bool
+) -> None:
+    sent = _blocks_sent(monkeypatch)
+    remote, local = remote_graph(worker, worker_token), Graph()
+    events: dict[int, list[dict[str, Any]]] = {}
+    outputs: dict[int, list[Any]] = {}
+    for graph in (remote, local):  # two sinks: the reply of a fit carries both outputs
+        graph.node("first", rf.Offset(amount=1.0))
+        graph.node("second", rf.Offset(amount=2.0))
+        graph.fit([1.0, 2.0, 3.0])  # the worker's cache may answer this one from an earlier test
+        if listening:
+            events[id(graph)] = record(graph)
+        outputs[id(graph)] = [graph.forward([1.0, 2.0, 3.0])]  # forward after fit: served by the cache
+        graph.fit([1.0, 2.0, 3.0])  # the same fit again: states and outputs from the cache
+        outputs[id(graph)].append(graph.forward([1.0, 2.0, 3.0]))
+    assert sent == ["fit"]
+    assert outputs[id(remote)] == outputs[id(local)]
+    for nid in ("first", "second"):
+        assert remote.get_state(nid) == local.get_state(nid)
+    if listening:
+
+        def hits(graph: Graph) -> list[tuple[str, str]]:
+            return [(e["node_id"], e["what"]) for e in events[id(graph)] if e["event_type"] == "NodeCacheHit"]
+
+        assert hits(remote) == hits(local)
+        assert hits(remote).count(("second", "state")) == 1 and len(hits(remote)) == 8
+
+
+def test_a_remote_block_the_clients_cache_holds_in_part_goes_to_the_worker_whole(
+    worker: Worker, worker_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent = _blocks_sent(monkeypatch)
+    graph = remote_graph(worker, worker_token)
+    second = rf.Offset(amount=2.0)
+    graph.node("first", rf.Offset(amount=1.0))
+    graph.node("second", second)
+    graph.fit([1.0, 2.0, 3.0])
+    before = graph.get_state("second")
+    second.amount = 5.0  # the second node's keys change, the first's do not
+    graph.fit([1.0, 2.0, 3.0])
+    graph.forward([1.0, 2.0, 3.0])  # both outputs are in the cache now
+    assert sent == ["fit", "fit"]
+    assert graph.get_state("second") == {"offset": before["offset"] + 3.0}
+
+
+def test_a_chain_whose_inner_output_stayed_on_the_worker_is_sent_there_again(
+    worker: Worker, worker_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent = _blocks_sent(monkeypatch)
+    remote, local = remote_graph(worker, worker_token), Graph()
+    for graph in (remote, local):
+        graph.node("first", rf.Offset(amount=1.0))
+        graph.node("second", rf.Offset(amount=2.0))
+        graph.edge("first", "second")
+        graph.fit([1.0, 2.0, 3.0])
+    assert remote.forward([1.0, 2.0, 3.0]) == local.forward([1.0, 2.0, 3.0])
+    assert sent == ["fit", "forward"]  # the worker's cache answers it
+
+
+def test_a_remote_node_predicted_cached_but_evicted_runs_on_its_worker(
+    worker: Worker, worker_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    graph = remote_graph(worker, worker_token)
+    graph.node("where", rf.Where())
+    graph.fit([1])
+    record(graph)  # an observed run predicts Cached steps for its plan summary
+    cache = graph.cache
+    assert cache is not None
+    cache.clear()
+    monkeypatch.setattr(cache, "contains", lambda key: True)  # there when asked, gone when read
+    out = graph.forward([1])
+    assert out["forward_pid"] != os.getpid() and out["fit_pid"] != os.getpid()
+
+
 def test_a_failed_download_raises(worker: Worker, worker_token: str) -> None:
     with pytest.raises(RemoteError) as info:
         client_for(worker.address, worker_token).download(CachedRef(cache_key="ab" * 32))

@@ -511,6 +511,8 @@ class Run:
                     okey = self.keys.predict(nid, self.outputs)
                     fkey = self.keys.fit_keys.get(nid) if self.phase == "fit" else None
                     keys[nid] = (fkey, None if self.nodes[nid].differentiable else okey)
+            if self._serve_block_from_cache(order, keys):
+                return
         request = BlockRequest(
             run_id=self.run_id,
             phase=self.phase,
@@ -540,6 +542,52 @@ class Run:
                 )
         for nid in order:
             self._hits.setdefault(nid, nid in result.cache_hits)
+
+    def _serve_block_from_cache(
+        self, order: list[str], keys: Mapping[str, tuple[str | None, str | None]]
+    ) -> bool:
+        """Serve a ``Remote`` block from this process's cache when it holds every output (and, in
+        fit, every state) of the block, as local nodes are served: no request is sent.
+
+        Otherwise the worker gets the whole block; it holds the same keys in its own cache.
+        """
+        cache = self.cache
+        assert cache is not None
+        fit = self.phase == "fit"
+        wanted: list[tuple[str, str | None, str]] = []
+        for nid in order:
+            node = self.nodes[nid]
+            fkey, okey = keys.get(nid, (None, None))
+            stateful = fit and node.trainable
+            if okey is None or not cache.contains(okey):
+                return False
+            if stateful and (fkey is None or has_parameter_owner(node.filter) or not cache.contains(fkey)):
+                return False
+            wanted.append((nid, fkey if stateful else None, okey))
+        found: list[tuple[str, str | None, CacheHit | None, str, CacheHit]] = []
+        for nid, fkey, okey in wanted:
+            state = cache.lookup(fkey) if fkey is not None else None
+            output = cache.lookup(okey)
+            if output is None or (fkey is not None and state is None):  # evicted meanwhile
+                return False
+            found.append((nid, fkey, state, okey, output))
+        for nid, fkey, state, okey, output in found:
+            node = self.nodes[nid]
+            start = time.perf_counter()
+            if self.hub.active:
+                self._emit(ev.node_started, nid, node.kind, "local")
+            if state is not None:
+                if self.hub.active:
+                    self._emit(ev.node_cache_hit, nid, fkey, state.tier, "state", state.load_time_ms)
+                self._commit_state(nid, state.value, fkey)
+            if self.hub.active:
+                self._emit(ev.node_cache_hit, nid, okey, output.tier, "output", output.load_time_ms)
+            self.outputs[nid] = output.value
+            self._hits[nid] = True
+            if self.hub.active:
+                summary = output_summary(output.value)
+                self._emit(ev.node_completed, nid, time.perf_counter() - start, True, summary)
+        return True
 
     # -- streamed forward -----------------------------------------------------------
 
