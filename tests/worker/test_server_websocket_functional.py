@@ -437,6 +437,40 @@ async def test_duplicate_request_ids_in_flight_are_refused(tmp_path: Path, http:
             assert isinstance(first, Error) and first.code == "unknown_session"
 
 
+async def test_events_of_concurrent_plans_each_arrive_in_order_to_a_slow_reader(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    count = 800
+
+    class Chatty(PlanExecutor):
+        async def run_plan(self, msg: AssignPlan, conn: Any) -> Reply:
+            for i in range(count):
+                event = {"event_type": "Tick", "i": i, "pad": "x" * 200}
+                await conn.send(Event(worker_id="w-test", plan_id=msg.plan.plan_id, event=event), msg.id)
+                if i % 7 == 0:
+                    await asyncio.sleep(0)  # let the other plan's sends interleave with these
+            return PlanResult(worker_id="w-test", plan_id=msg.plan.plan_id, result=PlanSuccess(output=count))
+
+    async with running(worker_config(tmp_path), executor_factory=Chatty) as live:
+        async with WireClient.connect(http, live.url) as client:
+            for name in ("a", "b"):
+                plan = SerializedPlan(plan_id=name, plan={"type": "Empty"}, protocol_version=2)
+                await client.send(AssignPlan(id=name, plan=plan))
+            await asyncio.sleep(1.0)  # a client that does not read for a while
+            seen: dict[str, list[int]] = {"a": [], "b": []}
+            finished: list[str] = []
+            while len(finished) < 2:
+                reply = await client.receive()
+                assert reply.re is not None
+                if isinstance(reply, Event):
+                    assert reply.re not in finished  # no event after its plan's reply
+                    seen[reply.re].append(reply.event["i"])
+                else:
+                    assert isinstance(reply, PlanResult)
+                    finished.append(reply.re)
+    assert seen == {"a": list(range(count)), "b": list(range(count))}
+
+
 async def test_a_slow_reader_still_receives_every_event_in_order(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     count = 1500
 

@@ -251,9 +251,10 @@ class Connection:
     # -- sending -----------------------------------------------------------------------------
 
     async def send(self, msg: Reply, re: str | None = None) -> None:
-        """Queue ``msg`` for the client, correlated with request ``re`` (v2; v1 ignores it).
+        """Send ``msg`` to the client, correlated with request ``re`` (v2; v1 ignores it), in order.
 
-        Waits while ``EVENT_QUEUE_LIMIT`` frames are already queued. Messages to a client that
+        Writes at once when nothing is queued, else queues for the writer, waiting while
+        ``EVENT_QUEUE_LIMIT`` frames are already queued. Messages to a client that
         is gone are dropped. Raises ``WireError`` (``encoding_error``) if ``msg`` cannot be
         encoded in this connection's dialect; nothing is sent then.
         """
@@ -265,6 +266,11 @@ class Connection:
             frame = self.codec.encode(msg)
         if self._broken or self.state is ConnectionState.CLOSED or self._writer is None or self._writer.done():
             return
+        if self._queue.empty():
+            # Nothing waits before this frame, and the writer holds none unwritten (an uncompressed
+            # frame reaches the transport as soon as it is taken): written now, saving a wake-up.
+            await self._write(frame)
+            return
         await self._queue.put(frame)
 
     async def _write_loop(self) -> None:
@@ -272,21 +278,23 @@ class Connection:
             frame = await self._queue.get()
             if frame is None:
                 return
-            if self._broken:
-                continue
-            try:
-                if isinstance(frame, str):
-                    await self.ws.send_str(frame)
-                    size = len(frame.encode())
-                else:
-                    await self.ws.send_bytes(frame)
-                    size = len(frame)
-            except (ConnectionError, RuntimeError) as exc:
-                # The peer is gone; keep consuming so that no sender waits forever.
-                worker_logger.debug("%s: send failed: %s", self.id, exc)
-                self._broken = True
-                continue
-            self.host.metrics.bytes_sent.inc(size)
+            if not self._broken:
+                await self._write(frame)
+
+    async def _write(self, frame: str | bytes) -> None:
+        try:
+            if isinstance(frame, str):
+                await self.ws.send_str(frame)
+                size = len(frame.encode())
+            else:
+                await self.ws.send_bytes(frame)
+                size = len(frame)
+        except (ConnectionError, RuntimeError) as exc:
+            # The peer is gone; the writer keeps consuming so that no sender waits forever.
+            worker_logger.debug("%s: send failed: %s", self.id, exc)
+            self._broken = True
+            return
+        self.host.metrics.bytes_sent.inc(size)
 
     async def _flush(self) -> None:
         """Let queued frames leave, then stop the writer (bounded by ``_FLUSH_S``)."""
