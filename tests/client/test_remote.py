@@ -349,6 +349,29 @@ def test_a_remote_node_predicted_cached_but_evicted_runs_on_its_worker(
     assert out["forward_pid"] != os.getpid() and out["fit_pid"] != os.getpid()
 
 
+def test_an_upload_the_worker_evicts_after_saying_it_held_it_is_sent_again(
+    worker_token: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = np.linspace(0.0, 1.0, 1_400_000)  # above the 10 MiB inline threshold
+    held = sync_client.RemoteClient.held_upload
+
+    def held_then_evicted(self: sync_client.RemoteClient, content: bytes) -> CachedRef | None:
+        ref = held(self, content)
+        for stored in (tmp_path / "temp" / "store").iterdir():
+            stored.unlink()  # LRU eviction (--store-max-bytes) right after the HEAD that found it
+        return ref
+
+    with Worker(port=0, token=worker_token, temp_dir=tmp_path / "temp", work_dir=tmp_path / "work") as worker:
+        for amount in (1.0, 2.0):
+            graph = remote_graph(worker, worker_token)
+            graph.node(rf.Plus(amount))
+            graph.fit(x[:3])
+            if amount == 2.0:
+                monkeypatch.setattr(sync_client.RemoteClient, "held_upload", held_then_evicted)
+            np.testing.assert_array_equal(graph.forward(x), x + amount)
+        close_all()
+
+
 def test_a_failed_download_raises(worker: Worker, worker_token: str) -> None:
     with pytest.raises(RemoteError) as info:
         client_for(worker.address, worker_token).download(CachedRef(cache_key="ab" * 32))

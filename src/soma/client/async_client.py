@@ -414,6 +414,10 @@ class AsyncRemoteClient:
             self._remember_upload(content, ref)
         return ref
 
+    async def forget_uploads(self) -> None:
+        """Forget the uploads remembered for reuse (after the worker lost one it said it held)."""
+        self._uploads.clear()
+
     def remembers_upload(self, content: bytes) -> bool:
         """Whether a value of this ``content`` digest was uploaded lately (no I/O: it may be gone since)."""
         return content in self._uploads

@@ -140,6 +140,13 @@ class WorkerRunner:
         deadline = client.timeout.plan_deadline(request.timeout)
         try:
             reply = client.request(AssignPlan(plan=plan), on_frame=relay, deadline=deadline)
+            if _lost_reference(reply):
+                # The worker may evict an upload it still held when asked (HEAD) before the plan
+                # resolves it. Nothing ran: upload afresh and send the plan once more.
+                self._uploaded.clear()
+                client.forget_uploads()
+                plan = self._serialize(request, client, welcome.inline_threshold)
+                reply = client.request(AssignPlan(plan=plan), on_frame=relay, deadline=deadline)
             if not isinstance(reply, PlanResult):
                 raise RemoteError(f"worker {self.address} answered AssignPlan with {reply.type}", code="bad_message")
             if isinstance(reply.result, PlanFailure):
@@ -275,6 +282,15 @@ class WorkerRunner:
             out_key = request.keys.get(nid, (None, None))[1]
             if out_key is not None:
                 cache.put(out_key, value, kind="output", node_id=nid, filter_name=self._nodes[nid].filter_name)
+
+
+def _lost_reference(reply: Reply) -> bool:
+    """Whether the worker refused a plan because a reference it was sent no longer resolves."""
+    return (
+        isinstance(reply, PlanResult)
+        and isinstance(reply.result, PlanFailure)
+        and reply.result.error.code == "unresolved_reference"
+    )
 
 
 def _pickle_filter(node_id: str, filter_obj: Any) -> bytes:

@@ -195,6 +195,10 @@ class RemoteClient:
             return None
         return self._call(self._core.held_upload(content))
 
+    def forget_uploads(self) -> None:
+        """Forget the uploads remembered for reuse: the next ones are sent (see :meth:`upload_frame`)."""
+        self._call(self._core.forget_uploads())
+
     def download(self, ref: DataRef) -> Any:
         """The value stored under ``ref``; raises ``RemoteError`` when it cannot be fetched."""
         return self._call(self._core.download(ref))
