@@ -215,6 +215,16 @@ def test_prepared_and_first_used_metrics_render_the_same_families() -> None:
     assert 'soma_worker_requests_total{outcome="ok",type="Ping"} 1.0' in lines(used)
 
 
+def test_every_instrument_made_is_one_the_metrics_declare_and_the_reverse() -> None:
+    metrics = WorkerMetrics(slots_total=1)
+    metrics.prepare()
+    made = {name for name in vars(metrics) if not name.startswith("_")} - {"slots_total", "memory_limit_bytes"}
+    assert made == set(WorkerMetrics.__annotations__)
+    fresh = WorkerMetrics(slots_total=1)
+    for name in WorkerMetrics.__annotations__:
+        assert getattr(fresh, name) is not None  # each one makes them all on first use
+
+
 def test_metrics_content_type_is_prometheus_text_0_0_4() -> None:
     assert CONTENT_TYPE == CONTENT_TYPE_PLAIN_0_0_4
 

@@ -58,22 +58,6 @@ def kill_reason(pool_reason: str) -> str:
 
 StatusSource = Callable[[], Mapping[str, Any]]
 
-# The attributes ``WorkerMetrics.prepare`` sets, all at once (see ``_instruments``).
-_INSTRUMENTS = frozenset(
-    {
-        "registry",
-        "requests",
-        "plan_seconds",
-        "bytes_received",
-        "bytes_sent",
-        "env_builds",
-        "cache_hits",
-        "cache_misses",
-        "auth_failures",
-    }
-)
-
-
 class WorkerMetrics:
     """Every ``soma_worker_*`` metric of one worker, in its own ``CollectorRegistry``.
 
@@ -165,6 +149,10 @@ class WorkerMetrics:
         except OSError:  # the store directory vanished under us: report it empty
             used = 0
         return used, self._store.deleted_total
+
+
+# The attributes ``WorkerMetrics.prepare`` sets, all at once: those the class declares (see ``_instruments``).
+_INSTRUMENTS = frozenset(WorkerMetrics.__annotations__)
 
 
 def _instruments(metrics: WorkerMetrics) -> dict[str, Any]:
