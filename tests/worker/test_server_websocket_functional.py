@@ -437,21 +437,27 @@ async def test_duplicate_request_ids_in_flight_are_refused(tmp_path: Path, http:
             assert isinstance(first, Error) and first.code == "unknown_session"
 
 
-async def test_events_of_concurrent_plans_each_arrive_in_order_to_a_slow_reader(
-    tmp_path: Path, http: aiohttp.ClientSession
-) -> None:
-    count = 800
+def _chatty(count: int, *, pause_every: int | None = None) -> type[PlanExecutor]:
+    """An executor whose plans send ``count`` numbered events, then their reply; with ``pause_every``
+    they let other tasks run that often, so that concurrent plans' sends interleave."""
 
     class Chatty(PlanExecutor):
         async def run_plan(self, msg: AssignPlan, conn: Any) -> Reply:
             for i in range(count):
                 event = {"event_type": "Tick", "i": i, "pad": "x" * 200}
                 await conn.send(Event(worker_id="w-test", plan_id=msg.plan.plan_id, event=event), msg.id)
-                if i % 7 == 0:
-                    await asyncio.sleep(0)  # let the other plan's sends interleave with these
+                if pause_every is not None and i % pause_every == 0:
+                    await asyncio.sleep(0)
             return PlanResult(worker_id="w-test", plan_id=msg.plan.plan_id, result=PlanSuccess(output=count))
 
-    async with running(worker_config(tmp_path), executor_factory=Chatty) as live:
+    return Chatty
+
+
+async def test_events_of_concurrent_plans_each_arrive_in_order_to_a_slow_reader(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    count = 800
+    async with running(worker_config(tmp_path), executor_factory=_chatty(count, pause_every=7)) as live:
         async with WireClient.connect(http, live.url) as client:
             for name in ("a", "b"):
                 plan = SerializedPlan(plan_id=name, plan={"type": "Empty"}, protocol_version=2)
@@ -473,16 +479,8 @@ async def test_events_of_concurrent_plans_each_arrive_in_order_to_a_slow_reader(
 
 async def test_a_slow_reader_still_receives_every_event_in_order(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     count = 1500
-
-    class Chatty(PlanExecutor):
-        async def run_plan(self, msg: AssignPlan, conn: Any) -> Reply:
-            for i in range(count):
-                event = {"event_type": "Tick", "i": i, "pad": "x" * 200}
-                await conn.send(Event(worker_id="w-test", plan_id=msg.plan.plan_id, event=event), msg.id)
-            return PlanResult(worker_id="w-test", plan_id=msg.plan.plan_id, result=PlanSuccess(output=count))
-
     plan = SerializedPlan(plan_id="chatty", plan={"type": "Empty"}, protocol_version=2)
-    async with running(worker_config(tmp_path), executor_factory=Chatty) as live:
+    async with running(worker_config(tmp_path), executor_factory=_chatty(count)) as live:
         async with WireClient.connect(http, live.url) as client:
             await client.send(AssignPlan(id="run", plan=plan))
             await asyncio.sleep(1.0)  # a client that does not read for a while
