@@ -192,7 +192,7 @@ class PlanExecutor:
             return self._refusal(msg, dialect, refusal)
         run = _PlanRun(self, spec, msg, conn, session, received)
         self._runs[key] = run
-        if session is None and not spec.keep and served_by_cache(spec, self._cache):
+        if run.cache_served:
             # No child will need resetting after the reply, so the plan runs in this task: a
             # cached plan saves the task and the wait below, a good part of its time here.
             try:
@@ -392,6 +392,9 @@ class _PlanRun:
         self.msg = msg
         self.conn = conn
         self.session = session
+        # Whether the worker's cache holds every state and output the plan computes: then it
+        # takes no child (unless an entry is evicted before the walk reads it).
+        self.cache_served = session is None and not spec.keep and served_by_cache(spec, executor._cache)
         self.plan_id = spec.plan.plan_id
         self.run_id = (spec.plan.run_id if spec.dialect == "v2" else None) or self.plan_id
         self._received = received
@@ -518,7 +521,7 @@ class _PlanRun:
             try:
                 await self._resolve_references()
                 self._check_cancel()
-                if self.spec.order and (self.spec.keep or not served_by_cache(self.spec, ex._cache)):
+                if self.spec.order and not self.cache_served:
                     await self._take_child()
                 reply = await self._walk_and_reply()
                 if self.spec.keep and self.child is not None and self.child.alive:
