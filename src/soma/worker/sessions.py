@@ -109,12 +109,9 @@ class Sessions:
 
     async def get_state(self, msg: GetState, owner: int, dialect: str) -> Reply:
         """``GetState``: ``GET_STATE`` per node of a session -> ``StateResult``."""
-        session = self.find(owner, msg.plan_id)
-        if session is None:
-            return self.unknown(msg.plan_id)
         states: dict[str, Any] = {}
-        async with self.using(session):
-            if session.ended:
+        async with self._held(owner, msg.plan_id) as session:
+            if session is None:
                 return self.unknown(msg.plan_id)
             for node_id in msg.node_ids:
                 try:
@@ -130,12 +127,9 @@ class Sessions:
 
     async def set_state(self, msg: SetState, owner: int) -> Reply:
         """``SetState``: ``SET_STATE`` per node in order, stopping at the first failure -> ``Ack``."""
-        session = self.find(owner, msg.plan_id)
-        if session is None:
-            return self.unknown(msg.plan_id)
         done: list[str] = []
-        async with self.using(session), Pins(self._store) as pins:
-            if session.ended:
+        async with self._held(owner, msg.plan_id) as session, Pins(self._store) as pins:
+            if session is None:
                 return self.unknown(msg.plan_id)
             for node_id, value in msg.states.items():
                 try:
@@ -150,13 +144,10 @@ class Sessions:
 
     async def get_gradients(self, msg: GetGradients, owner: int, dialect: str) -> Reply:
         """``GetGradients``: ``GET_GRADIENTS`` per node -> ``GradientsResult`` (nodes without any in ``missing``)."""
-        session = self.find(owner, msg.plan_id)
-        if session is None:
-            return self.unknown(msg.plan_id)
         gradients: dict[str, Any] = {}
         missing: list[str] = []
-        async with self.using(session):
-            if session.ended:
+        async with self._held(owner, msg.plan_id) as session:
+            if session is None:
                 return self.unknown(msg.plan_id)
             for node_id in msg.node_ids:
                 try:
@@ -181,11 +172,8 @@ class Sessions:
 
     async def apply_gradients(self, msg: ApplyGradients, owner: int) -> Reply:
         """``ApplyGradients``: ``APPLY_GRADIENTS`` per node with its learning rate -> ``Ack``."""
-        session = self.find(owner, msg.plan_id)
-        if session is None:
-            return self.unknown(msg.plan_id)
-        async with self.using(session), Pins(self._store) as pins:
-            if session.ended:
+        async with self._held(owner, msg.plan_id) as session, Pins(self._store) as pins:
+            if session is None:
                 return self.unknown(msg.plan_id)
             for node_id, grads in msg.gradients.items():
                 lr = msg.lr.get(node_id) if isinstance(msg.lr, dict) else msg.lr
@@ -251,6 +239,17 @@ class Sessions:
                         await self.end(session, "its child died")
                     else:
                         self._arm_idle_timer(session)
+
+    @contextlib.asynccontextmanager
+    async def _held(self, owner: int, session_id: str) -> AsyncIterator[Session | None]:
+        """Connection ``owner``'s session ``session_id``, held for one request (``using``); ``None``
+        when it is not open, or ended while the request waited for it."""
+        session = self.find(owner, session_id)
+        if session is None:
+            yield None
+            return
+        async with self.using(session):
+            yield None if session.ended else session
 
     def _arm_idle_timer(self, session: Session) -> None:
         loop = asyncio.get_running_loop()
