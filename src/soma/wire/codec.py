@@ -19,14 +19,13 @@ from soma.wire.errors import WireError
 from soma.wire.messages import (
     CLIENT_MESSAGES,
     MESSAGE_TYPES,
+    PLAN_CARRIERS,
     WIRE_VERSION,
     WORKER_MESSAGES,
-    AssignPlan,
     Hello,
     Reply,
     Request,
     SerializedPlan,
-    StreamBegin,
     version_refusal,
 )
 
@@ -135,10 +134,8 @@ class Codec:
             raise WireError("bad_message", f"{kind} is {wrong}", request_id=request_id)
 
 
-_PLANNED = (AssignPlan, StreamBegin)
-
 
 def _plan_of(message: Request | Reply) -> SerializedPlan | None:
-    if isinstance(message, _PLANNED):
+    if isinstance(message, PLAN_CARRIERS):
         return message.plan
     return None

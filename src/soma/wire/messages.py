@@ -25,6 +25,7 @@ __all__ = [
     "ERROR_CODES",
     "INLINE_THRESHOLD_BYTES",
     "MESSAGE_TYPES",
+    "PLAN_CARRIERS",
     "PROTOCOLS",
     "RETRY_ONCE",
     "STREAM_MESSAGES",
@@ -546,6 +547,10 @@ class StreamBegin(Request):
     plan_id: str
     total_chunks: int | None
     plan: SerializedPlan
+
+
+PLAN_CARRIERS = (AssignPlan, StreamBegin)
+"""The requests that carry a ``SerializedPlan`` (its id is checked as soon as they are decoded)."""
 
 
 @dataclass(frozen=True, eq=False, repr=False)

@@ -38,15 +38,14 @@ from soma.wire.errors import WireError
 from soma.wire.messages import (
     DATA_REFS,
     MESSAGE_TYPES,
+    PLAN_CARRIERS,
     V2_MESSAGES,
     WIRE_VERSION,
-    AssignPlan,
     PlanFailure,
     PlanSuccess,
     Record,
     Reply,
     Request,
-    StreamBegin,
     check_plan_id,
     validate_plan,
     version_refusal,
@@ -718,8 +717,6 @@ def _envelope(head: FrameHead, side: Side) -> dict[Any, Any]:
     return envelope
 
 
-_PLANNED = (AssignPlan, StreamBegin)
-
 
 def decode_message(head: FrameHead, side: Side) -> Request | Reply:
     """Build the message of a frame whose head was read (and whose version was accepted)."""
@@ -744,7 +741,7 @@ def decode_message(head: FrameHead, side: Side) -> Request | Reply:
         raise
     except _DECODE_ERRORS as exc:
         raise WireError("bad_message", f"undecodable frame: {exc}", request_id=request_id) from exc
-    if isinstance(message, _PLANNED):
+    if isinstance(message, PLAN_CARRIERS):
         try:
             check_plan_id(message.plan.plan_id)
         except WireError as exc:
