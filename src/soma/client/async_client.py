@@ -462,13 +462,7 @@ class AsyncRemoteClient:
 
     async def _holds(self, ref: CachedRef) -> bool:
         """Whether the worker still stores ``ref`` (it may have swept it, or restarted)."""
-        query = urllib.parse.urlencode({"ref": _ref_json(ref)})
-        response = await self._transport.request(
-            "HEAD",
-            f"{self._http}/download?{query}",
-            headers={**self._headers(), "Accept": V2_CONTENT_TYPE},
-            timeout=self.timeout,
-        )
+        response = await self._download_request(ref, V2_CONTENT_TYPE, method="HEAD")
         return response.status == 200
 
     async def upload(self, value: Any) -> CachedRef:
@@ -490,14 +484,14 @@ class AsyncRemoteClient:
             raise RemoteError(f"cannot download a {ref.type} reference", code="unsupported_reference")
         body: bytes | bytearray | memoryview | None = None
         if self._same_host:
-            response = await self._get_download(ref, f"{V2_PATH_CONTENT_TYPE}, {V2_CONTENT_TYPE};q=0.9")
+            response = await self._download_request(ref, f"{V2_PATH_CONTENT_TYPE}, {V2_CONTENT_TYPE};q=0.9")
             if response.status == 200 and response.content_type == V2_PATH_CONTENT_TYPE:
                 body = _mapped(response.body)
                 if body is None:
                     client_logger.debug("the frame of %s is not readable here; receiving it", _ref_json(ref))
-                    response = await self._get_download(ref, V2_CONTENT_TYPE)
+                    response = await self._download_request(ref, V2_CONTENT_TYPE)
         else:
-            response = await self._get_download(ref, V2_CONTENT_TYPE)
+            response = await self._download_request(ref, V2_CONTENT_TYPE)
         if body is None:
             if response.status != 200:
                 raise _http_error(response, f"download of {_ref_json(ref)} from {self._http}")
@@ -507,10 +501,12 @@ class AsyncRemoteClient:
         except WireError as exc:
             raise ProtocolError(f"undecodable download from {self._http}: {exc.message}", code=exc.code) from exc
 
-    async def _get_download(self, ref: CachedRef | LocalRef, accept: str) -> HttpResponse:
+    async def _download_request(
+        self, ref: CachedRef | LocalRef, accept: str, *, method: str = "GET"
+    ) -> HttpResponse:
         query = urllib.parse.urlencode({"ref": _ref_json(ref)})
         return await self._transport.request(
-            "GET",
+            method,
             f"{self._http}/download?{query}",
             headers={**self._headers(), "Accept": accept},
             timeout=self.timeout,
